@@ -1,0 +1,3 @@
+from xdlm_vision.cli import main
+
+raise SystemExit(main())
