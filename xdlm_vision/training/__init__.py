@@ -1,0 +1,1 @@
+"""Training of the XDLM transformer and the VQ tokenizer."""
