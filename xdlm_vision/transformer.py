@@ -372,7 +372,7 @@ def _check_positive_ints(**values: Any) -> None:
 # Architecture sizes only; the data sizes (codebook, grid, classes) come from the tokenizer and data set.
 # configs/model/<name>.yaml holds the same values for recipes, and a test keeps the two in sync.
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # A few minutes of training on a 2-core CPU for 32x32 Fashion-MNIST tokens.
+    # For training on CPU: one forward and backward pass on 64 grids of 8x8 tokens took about 1 s on 2 shared cores.
     "tiny": {"hidden_size": 128, "depth": 4, "num_heads": 4, "mlp_ratio": 4.0},
     # The published XDLM image model: 12 layers, 768 wide, 12 heads.
     "small": {"hidden_size": 768, "depth": 12, "num_heads": 12, "mlp_ratio": 4.0},
