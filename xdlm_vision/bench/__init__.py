@@ -14,16 +14,17 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-BENCHMARKS = ("scheduler",)
+BENCHMARKS = ("scheduler", "scaling")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("benchmark", choices=BENCHMARKS, help="which benchmark to run")
     parser.add_argument("--out", type=Path, default=None, help="JSON file for the results (default: bench-<name>.json)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (default: 5)")
-    parser.add_argument("--batch-size", type=int, default=8, help="batch size B (default: 8)")
-    parser.add_argument("--num-tokens", type=int, default=256, help="tokens per image L (default: 256)")
-    parser.add_argument("--num-embeddings", type=int, default=16384, help="codebook size N (default: 16384)")
+    parser.add_argument("--batch-size", type=int, default=8, help="scheduler: batch size B (default: 8)")
+    parser.add_argument("--num-tokens", type=int, default=256, help="scheduler: tokens per image L (default: 256)")
+    parser.add_argument("--num-embeddings", type=int, default=16384, help="scheduler: codebook size N (default: 16384)")
+    parser.add_argument("--plot", type=Path, default=None, help="scaling: also save a log-log PNG plot here")
 
 
 def machine_description() -> dict:
@@ -58,6 +59,13 @@ def run(args: argparse.Namespace) -> int:
 
         results = run_scheduler_bench(args.batch_size, args.num_tokens, args.num_embeddings, repeats=args.repeats)
         table = format_scheduler_table(results)
+    elif args.benchmark == "scaling":
+        from xdlm_vision.bench.scaling_bench import format_scaling_table, plot_scaling, run_scaling_bench
+
+        results = run_scaling_bench(repeats=args.repeats)
+        table = format_scaling_table(results)
+        if args.plot is not None:
+            plot_scaling(results, args.plot)
 
     results["machine"] = machine_description()
     results["command"] = f"xdlm-vision bench {args.benchmark}"
