@@ -1,0 +1,1 @@
+"""Image sources, token shards and the `encode` job that turns one into the other."""
