@@ -60,7 +60,8 @@ def test_fashion_mnist_source_pads_to_32_rgb():
     image, label = source.load(7)
     assert image.shape == (3, 32, 32)
     assert torch.equal(image[0], image[2])
-    assert torch.all(image[:, :2, :] == -1.0) and torch.all(image[:, :, -2:] == -1.0)
+    assert torch.all(image[:, :2, :] == -1.0)
+    assert torch.all(image[:, :, -2:] == -1.0)
     expected = torch.from_numpy(raw[7].astype(np.float32)) / 127.5 - 1.0
     torch.testing.assert_close(image[1, 2:30, 2:30], expected)
     assert 0 <= label < 10
@@ -89,7 +90,8 @@ def test_imagefolder_fixture_lists_classes_in_order():
     assert len(source) == 6
     image, label = source.load(0)
     assert image.shape == (3, 256, 256)
-    assert -1.0 <= float(image.min()) and float(image.max()) <= 1.0
+    assert float(image.min()) >= -1.0
+    assert float(image.max()) <= 1.0
     assert float(image.std()) > 0.1  # a photograph, not a flat image
     assert label == 0
 

@@ -41,11 +41,13 @@ def test_encode_decode_shapes_and_ranges(fashion_test_images):
     tokens = tokenizer.encode(images)
     assert tokens.shape == (16, 64)
     assert tokens.dtype == torch.long
-    assert int(tokens.min()) >= 0 and int(tokens.max()) < 64
+    assert int(tokens.min()) >= 0
+    assert int(tokens.max()) < 64
 
     decoded = tokenizer.decode(tokens)
     assert decoded.shape == (16, 3, 32, 32)
-    assert float(decoded.min()) >= -1.0 and float(decoded.max()) <= 1.0
+    assert float(decoded.min()) >= -1.0
+    assert float(decoded.max()) <= 1.0
 
     assert tokenizer.config.grid_size == 8
     assert tokenizer.config.downsample_factor == 4
@@ -126,7 +128,6 @@ def test_training_steps_lower_reconstruction_loss(tmp_path, fashion_test_images)
     with torch.no_grad():
         trained_mse = F.mse_loss(trained(images).sample, images).item()
 
-    print(initial_mse, trained_mse)
     assert trained_mse < 0.5 * initial_mse
     assert metrics["steps"] == 30
     assert metrics["num_images"] == 64
@@ -161,6 +162,26 @@ def test_training_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     resumed = VQTokenizer.from_pretrained(tmp_path / "resumed").state_dict()
     for key in straight:
         assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_training_runs_on_imagefolder_photos(tmp_path):
+    options = dict(tokenizer_trainer.DEFAULTS)
+    options.update(source="imagefolder", data_dir=str(REPO / "tests" / "fixtures" / "imagenet"), eval_split="train",
+                   image_size=32, num_embeddings=16, embedding_dim=4, block_out_channels=[8, 8], latent_channels=8,
+                   norm_num_groups=4, steps=2, batch_size=4, warmup_steps=1, eval_images=6, threads=1)
+    metrics = tokenizer_trainer.train_tokenizer(options, tmp_path)
+    assert metrics["num_images"] == 6
+    assert VQTokenizer.from_pretrained(tmp_path).config.grid_size == 16
+
+
+def test_training_resume_rejects_changed_options(tmp_path):
+    options = dict(tokenizer_trainer.DEFAULTS)
+    options.update(num_embeddings=16, embedding_dim=4, block_out_channels=[8, 8], latent_channels=8,
+                   norm_num_groups=4, steps=2, batch_size=4, warmup_steps=1, eval_images=0, threads=1)
+    tokenizer_trainer.train_tokenizer(options, tmp_path)
+    options["learning_rate"] = 0.5
+    with pytest.raises(ValueError, match="learning_rate: 0.001 -> 0.5"):
+        tokenizer_trainer.train_tokenizer(options, tmp_path, resume=True)
 
 
 def test_train_tokenizer_cli_rejects_unknown_recipe_option(tmp_path, capsys):

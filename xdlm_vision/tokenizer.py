@@ -1,7 +1,7 @@
 """VQ image tokenizer: images in [-1, 1] to grids of codebook indices and back.
 
 The backbone is diffusers' VQ-VAE encoder and decoder (the blocks of `diffusers.VQModel`), with a
-vector quantizer whose codebook can be l2-normalised. The same class holds three kinds of weights:
+vector quantizer whose codebook can be l2-normalised. The same class loads three kinds of weights:
 
 - tokenizers trained with `xdlm-vision train-tokenizer` (small, l2-normalised low-dimensional codebook);
 - a diffusers `VQModel` folder (`VQTokenizer.from_vqmodel`), with its plain Euclidean codebook;
@@ -66,7 +66,7 @@ class VectorQuantizer(nn.Module):
         return F.normalize(weight, dim=-1) if self.l2_norm else weight
 
     def project(self, z: torch.Tensor) -> torch.Tensor:
-        """Return encoder outputs (B, D, h, w) as the lookup sees them."""
+        """Return encoder outputs (B, D, h, w) in the space of the lookup (unit norm when `l2_norm`)."""
         return F.normalize(z, dim=1) if self.l2_norm else z
 
     def nearest(self, z: torch.Tensor) -> torch.Tensor:
@@ -93,7 +93,7 @@ class VectorQuantizer(nn.Module):
         codebook_loss = F.mse_loss(quantized, z.detach())
         commitment_loss = F.mse_loss(z, quantized.detach())
 
-        # Straight-through estimator: the decoder sees the codes, the encoder gets the decoder's gradient.
+        # Straight-through estimator: the decoder receives the codes, the encoder receives the decoder's gradient.
         quantized = z + (quantized - z).detach()  # (B, D, h, w)
         return quantized, tokens, codebook_loss, commitment_loss
 
@@ -305,6 +305,11 @@ class VQTokenizer(ModelMixin, ConfigMixin):
         if not isinstance(vqmodel, VQModel):
             raise TypeError(f"expected a diffusers.VQModel or a path to one, got {type(vqmodel).__name__}")
         config = vqmodel.config
+        if config.out_channels != config.in_channels:
+            raise ValueError(
+                f"VQModel has in_channels={config.in_channels} but out_channels={config.out_channels}; "
+                "a tokenizer decodes to the channels it encodes"
+            )
         if config.lookup_from_codebook:
             logger.warning("VQModel has lookup_from_codebook=True; the tokenizer always decodes from the codebook")
         tokenizer = cls(
@@ -323,11 +328,6 @@ class VQTokenizer(ModelMixin, ConfigMixin):
             mid_block_add_attention=config.mid_block_add_attention,
             norm_type=config.norm_type,
         )
-        if config.out_channels != config.in_channels:
-            raise ValueError(
-                f"VQModel has in_channels={config.in_channels} but out_channels={config.out_channels}; "
-                "a tokenizer decodes to the channels it encodes"
-            )
         load_state_dict_strict(tokenizer, vqmodel.state_dict(), source="VQModel")
         return tokenizer.to(dtype=vqmodel.dtype).eval()
 
@@ -358,8 +358,8 @@ class VQTokenizer(ModelMixin, ConfigMixin):
 def llamagen_vq16_config(state_dict: dict[str, torch.Tensor], image_size: int = 256) -> dict:
     """Return `VQTokenizer` arguments for LlamaGen's VQ-16 (channel multipliers 1, 1, 2, 2, 4 of 128).
 
-    The codebook size and dimension are read from `quantize.embedding.weight` so that checkpoints
-    trained with another codebook (LlamaGen also publishes 4096 x 8 and 16384 x 32 variants) load too.
+    The codebook size and dimension are read from `quantize.embedding.weight`, so VQ-16 checkpoints
+    trained with another codebook size or code dimension load too.
     """
     embedding = state_dict.get("quantize.embedding.weight")
     if embedding is None or embedding.ndim != 2:
@@ -481,11 +481,11 @@ def read_llamagen_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
         raise ValueError(
-            f"cannot read LlamaGen checkpoint {path}: {error}; the file is truncated, damaged, or holds "
-            "objects other than tensors (re-download it)"
+            f"cannot read LlamaGen checkpoint {path}: {error}; the file is truncated or damaged, or it contains "
+            "objects other than tensors (download it again)"
         ) from error
     if not isinstance(checkpoint, dict):
-        raise ValueError(f"LlamaGen checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict")
+        raise ValueError(f"LlamaGen checkpoint {path} contains a {type(checkpoint).__name__}, expected a dict")
 
     # LlamaGen's sampling scripts read checkpoint["model"]; accept a bare state dict as well.
     for entry in ("model", "state_dict"):

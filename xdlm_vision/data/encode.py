@@ -1,7 +1,7 @@
 """`xdlm-vision encode`: tokenize an image source once into WebDataset token shards.
 
 The images of a source, in its fixed order, are cut into shards of `--shard-size` images; shard `i`
-always holds images `i * shard_size ...`, so its name is deterministic. A shard is written under a
+always contains images `i * shard_size ...`, so its name is deterministic. A shard is written under a
 temporary name and renamed when complete, so after an interruption the next run verifies the
 finished shards, skips them and encodes only the rest. Sample keys are the image's position in the
 source (`00000042`), and `00000042_flip` for its horizontally flipped copy.
@@ -240,7 +240,7 @@ def _check_or_write_settings(output_dir: Path, settings: EncodeSettings) -> None
         if changed:
             details = ", ".join(f"{key}: {previous.get(key)!r} -> {current[key]!r}" for key in changed)
             raise ValueError(
-                f"{output_dir} holds shards encoded with other settings ({details}); "
+                f"{output_dir} contains shards encoded with other settings ({details}); "
                 "use a new --output-dir or delete the old shards"
             )
         return
@@ -287,7 +287,7 @@ class _ShardJob:
             try:
                 contents = read_token_shard(path, settings.grid_size, settings.num_embeddings, self.num_classes)
                 if not set(contents.keys) <= expected_keys:
-                    raise ValueError(f"token shard {path} holds keys outside images {start}..{stop - 1}")
+                    raise ValueError(f"token shard {path} contains keys outside images {start}..{stop - 1}")
                 return ShardResult(name, len(contents.keys), 0, skipped=True)
             except ValueError as error:
                 logger.warning("re-encoding %s: %s", name, error)

@@ -1,7 +1,7 @@
 """Token shards: WebDataset tar files of token grids and class labels, plus `meta.json` beside them.
 
 Each sample has three members: the key, `<key>.tokens.npy` (the h x w grid in the smallest unsigned
-dtype that holds the codebook) and `<key>.cls` (the class index as ASCII text). Shards are named
+dtype that can store every token id) and `<key>.cls` (the class index as ASCII text). Shards are named
 `{split}-{index:06d}.tar`. The writer is deterministic (fixed member order, times and owners), so
 encoding the same images twice gives byte-identical files, and it writes under a temporary name that
 is renamed only once the shard is complete.
@@ -30,7 +30,7 @@ def shard_name(split: str, index: int) -> str:
 
 
 def token_dtype(num_embeddings: int) -> np.dtype:
-    """Return the smallest unsigned integer dtype that holds token ids 0 .. num_embeddings - 1."""
+    """Return the smallest unsigned integer dtype that can store token ids 0 .. num_embeddings - 1."""
     for dtype in (np.uint8, np.uint16, np.uint32):
         if num_embeddings - 1 <= np.iinfo(dtype).max:
             return np.dtype(dtype)
@@ -70,7 +70,7 @@ def write_token_shard(path: str | os.PathLike, samples: Iterable[tuple[str, np.n
 
 @dataclass
 class ShardContents:
-    """What a verified shard holds: sample keys and class labels, in file order."""
+    """Contents of a verified shard: sample keys and class labels, in file order."""
 
     keys: list[str]
     labels: list[int]

@@ -30,6 +30,8 @@ from xdlm_vision.tokenizer import VQTokenizer
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoint"
+# Options that may change when a run resumes; any other change would mix two different trainings.
+RESUMABLE_CHANGES = {"steps", "max_minutes", "threads", "log_every", "checkpoint_every", "eval_images", "eval_split"}
 TRAINING_STATE = "training_state.pt"
 
 # Defaults of every option that a YAML recipe may set; command-line values override the recipe.
@@ -149,6 +151,8 @@ class TrainingBatches:
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         indices = self.next_indices()
+        # NOTE: photographs are decoded here, one at a time in the training process; a DataLoader with
+        # worker processes would be faster for ImageFolder and shard sources.
         if isinstance(self.source, FashionMNISTSource):
             return self.source.load_batch(indices.numpy())
         images, labels = [], []
@@ -269,6 +273,16 @@ def save_tokenizer_atomically(tokenizer: VQTokenizer, folder: Path) -> None:
     temporary.rmdir()
 
 
+def _check_resumed_options(saved: dict, options: dict) -> None:
+    changed = sorted(name for name in options if saved.get(name) != options[name] and name not in RESUMABLE_CHANGES)
+    if changed:
+        details = ", ".join(f"{name}: {saved.get(name)!r} -> {options[name]!r}" for name in changed)
+        raise ValueError(f"--resume with changed options ({details}); use the checkpoint's options or a new --output-dir")
+    if saved.get("steps") != options["steps"]:
+        logger.warning("resuming with --steps %s instead of %s; the learning-rate schedule changes from here",
+                       options["steps"], saved.get("steps"))
+
+
 def build_tokenizer(options: dict, image_size: int) -> VQTokenizer:
     levels = len(options["block_out_channels"])
     return VQTokenizer(
@@ -323,6 +337,7 @@ def _train(options: dict, output_dir: Path, resume: bool) -> dict:
         optimizer = torch.optim.AdamW(tokenizer.parameters(), lr=options["learning_rate"],
                                       weight_decay=options["weight_decay"], betas=(0.9, 0.99))
         state = torch.load(checkpoint / TRAINING_STATE, map_location="cpu", weights_only=True)
+        _check_resumed_options(json.loads(state["options_json"]), options)
         optimizer.load_state_dict(state["optimizer"])
         batches.load_state_dict(state["batches"])
         usage = state["usage"]
