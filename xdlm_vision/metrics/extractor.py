@@ -20,6 +20,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
 import torch
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
@@ -35,7 +37,7 @@ EXTRACTOR_KINDS = {"inception": INCEPTION_EXTRACTOR, "classifier": CLASSIFIER_EX
 
 
 class FeatureExtractorWeightsError(OSError):
-    """Feature-extractor weights that are missing or damaged; the message says where the file belongs."""
+    """Feature-extractor weights that are missing or damaged; the message names the folder the file belongs in."""
 
 
 class ClassifierFeatureExtractor(FeatureExtractorBase):
@@ -99,10 +101,14 @@ def load_classifier(folder: str | os.PathLike) -> ImageClassifier:
             f"classifier folder {folder} not found or without config.json; train one with "
             f"`xdlm-vision train-classifier --out {folder}` or pass --classifier with a folder it wrote"
         )
+    # Strict loading: diffusers' from_pretrained would initialise missing weights at random and only warn.
     try:
-        classifier = ImageClassifier.from_pretrained(folder)
-    except (OSError, ValueError, RuntimeError, KeyError) as error:
-        raise FeatureExtractorWeightsError(f"cannot load the classifier in {folder}: {error}") from error
+        classifier = ImageClassifier.from_config(ImageClassifier.load_config(folder))
+        state_dict = safetensors.torch.load_file(_classifier_weights_file(folder))
+        classifier.load_state_dict(state_dict, strict=True)
+    except (OSError, ValueError, RuntimeError, KeyError, safetensors.SafetensorError) as error:
+        raise FeatureExtractorWeightsError(f"cannot load the classifier in {folder}: "
+                                           f"{' '.join(str(error).split())[:400]}") from error
     return classifier.eval().requires_grad_(False)
 
 
@@ -135,7 +141,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
     1008-way `fc` layer, so a damaged or foreign file fails here, before any sampling.
 
     Raises:
-        FeatureExtractorWeightsError: the file is missing or damaged; the message says where to put it.
+        FeatureExtractorWeightsError: the file is missing or damaged; the message names where to put it.
     """
     if path is None:
         folder, name = inception_weights_location()
@@ -167,7 +173,7 @@ def resolve_inception_weights(path: str | os.PathLike | None = None) -> Path:
 
 @dataclass
 class ExtractorInfo:
-    """What names an extractor in every result: its registered name, weights, digest and feature layers."""
+    """The extractor's identity, recorded in every result: registered name, weights, digest and feature layers."""
 
     name: str
     weights: str

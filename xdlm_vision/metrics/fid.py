@@ -105,7 +105,13 @@ def run_fid_job(
 
     # 3. The reference: features of a real set (cached) or a statistics file.
     reference_set: ImageSet | None = None
-    if reference.endswith(".npz") and Path(reference).is_file():
+    if sample_size is None and tokenizer is not None:
+        from xdlm_vision.tokenizer import VQTokenizer
+
+        sample_size = VQTokenizer.load_config(tokenizer).get("image_size")
+    if reference.endswith(".npz"):
+        if not Path(reference).is_file():
+            raise ValueError(f"reference statistics file {reference} not found")
         reference_features = load_reference_file(reference, extractor_info)
     else:
         reference_set = open_image_set(reference, image_size=image_size or sample_size, data_dir=data_dir)
@@ -148,8 +154,8 @@ def run_fid_job(
         for steps in num_steps:
             plan = SamplePlan(num_samples=num_samples, num_classes=num_classes, seed=seed, chunk_size=batch_size)
             samples_dir = out_dir / "samples" / name / f"steps-{steps}-guidance-{guidance_scale:g}"
-            protocol = {"pipeline": path, "num_steps": steps, "guidance_scale": guidance_scale,
-                        "mixing_ratio": mixing_ratio}
+            protocol = {"pipeline": path, "transformer_sha256": _transformer_digest(path), "num_steps": steps,
+                        "guidance_scale": guidance_scale, "k": mixing_ratio}
             logger.info("sampling %s at %d steps into %s", name, steps, samples_dir)
             sampling = generate_samples(pipe, plan, samples_dir, steps, guidance_scale, protocol, device=device)
             features, labels = _features_of_chunks(feature_extractor, samples_dir, plan, f"{name} {steps} steps")
@@ -158,7 +164,7 @@ def run_fid_job(
                 "kind": "generated",
                 "name": name,
                 "pipeline": path,
-                "protocol": {**protocol, "k": mixing_ratio, "num_samples": num_samples,
+                "protocol": {**protocol, "num_samples": num_samples,
                              "samples_per_class": plan.samples_per_class, "seed": seed,
                              "reference": common["reference"]["spec"], "extractor": extractor_info.name,
                              "resize": common["resize"]},
@@ -237,6 +243,12 @@ def _load_pipeline(pipeline, device: torch.device, pipeline_class) -> tuple[str,
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return str(name), pipe
+
+
+def _transformer_digest(path: str) -> str | None:
+    """Return the sha256 of a saved pipeline's transformer weights, so a resume never mixes two trainings."""
+    weight_files = sorted((Path(path) / "transformer").glob("*.safetensors"))
+    return file_sha256(weight_files[0]) if weight_files else None
 
 
 def _unique_names(paths: list[str]) -> list[str]:
@@ -370,12 +382,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--guidance-scale", type=float, default=1.0,
                         help="classifier-free guidance weight; 1 means none (default: 1)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of the per-image seeds (default: 0)")
+
     parser.add_argument("--reference", default="fashion-mnist:test",
                         help="fashion-mnist:test|train, a folder of class folders (imagefolder:PATH), or a reference "
                              ".npz written by --save-reference or holding mu and sigma (default: fashion-mnist:test)")
     parser.add_argument("--data-dir", default=None, help="folder of the Fashion-MNIST IDX files")
     parser.add_argument("--image-size", type=int, default=None,
                         help="side that folder images are resized and cropped to (default: the samples' size)")
+
     parser.add_argument("--extractor", choices=sorted(EXTRACTOR_KINDS), default="inception",
                         help="inception: torch-fidelity's Inception-v3 (needs its weights file); classifier: the "
                              "project's Fashion-MNIST classifier, offline (default: inception)")
@@ -383,10 +397,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="torch-fidelity's Inception weights file (default: its torch hub cache)")
     parser.add_argument("--classifier", default=None, metavar="FOLDER",
                         help="classifier folder for --extractor classifier (default: the shipped classifiers/fashion-mnist)")
+
     parser.add_argument("--out-dir", default="fid-results",
                         help="folder for samples, fid.json and fid.md; finished sample chunks there are reused "
                              "(default: fid-results)")
     parser.add_argument("--batch-size", type=int, default=100, help="images per pipeline call and chunk file (default: 100)")
+
     parser.add_argument("--rfid", action="store_true",
                         help="also score the tokenizer's reconstructions of the reference images")
     parser.add_argument("--rfid-samples", type=int, default=None,
@@ -397,6 +413,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also score --num-samples real training images against the reference")
     parser.add_argument("--floor-data", default=None,
                         help="image set of the real-data floor (default: the training split paired with the reference)")
+
     parser.add_argument("--cache-dir", default=str(default_cache_dir()),
                         help="reference feature cache (default: %(default)s)")
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the reference cache")
