@@ -26,6 +26,7 @@ COMMANDS: dict[str, Command] = {
     "bench": Command("xdlm_vision.bench", "measure speed and memory; prints a table and writes JSON"),
     "train-tokenizer": Command("xdlm_vision.training.tokenizer_trainer", "train a VQ tokenizer on images"),
     "encode": Command("xdlm_vision.data.encode", "tokenize images into WebDataset token shards"),
+    "train": Command("xdlm_vision.training.trainer", "train the XDLM transformer on token shards; export a pipeline"),
     "fid": Command("xdlm_vision.metrics.fid", "sample a pipeline uniformly over classes; score FID, IS, KID, precision/recall"),
     "train-classifier": Command("xdlm_vision.metrics.classifier", "train the Fashion-MNIST classifier used as an offline feature extractor"),
 }
