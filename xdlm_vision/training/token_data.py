@@ -6,10 +6,11 @@ grid and `cls` with the class index as text) and a `meta.json` that lists the sh
 Every reader (one per DataLoader worker of every process) produces a deterministic stream, so a run
 can resume exactly from a count of consumed batches:
 
-- with at least as many shards as readers, reader `g` owns shards `g, g + R, ...` and reads them in
-  a new order each epoch (split by node and worker);
-- with fewer shards than readers, every reader reads all shards in the same order and keeps every
-  R-th batch of the common stream, so small data sets still feed many processes.
+- with several readers and at least as many shards, reader `g` owns shards `g, g + R, ...` and
+  reads them in a new order each epoch (split by node and worker);
+- otherwise every reader reads all shards in the same order and keeps every R-th batch of this
+  common stream, so small data sets still feed many processes, and R processes together see the
+  same batches as one process does.
 
 Within an epoch the samples pass through a shuffle buffer seeded by (seed, epoch, reader), and
 batches run across epoch boundaries without a gap.
@@ -161,10 +162,11 @@ class TokenShardDataset(IterableDataset):
         shards = [(str(self.folder / shard["name"]), int(shard["num_samples"])) for shard in self.meta["shards"]]
         num_readers = self.world_size * num_workers
         reader = self.rank * num_workers + worker_id
-        if len(shards) >= num_readers:
+        if num_readers > 1 and len(shards) >= num_readers:
             return {"shards": shards[reader::num_readers], "rng_key": reader, "stride": 1, "offset": 0}
-        # Too few shards to split: all readers read the same stream and take turns batch by batch.
-        return {"shards": shards, "rng_key": "shared", "stride": num_readers, "offset": reader}
+        # One reader, or too few shards to split: every reader reads the common stream of all shards and
+        # they take turns batch by batch. One process then sees the batches that R processes share.
+        return {"shards": shards, "rng_key": "common", "stride": num_readers, "offset": reader}
 
     def _epochs(self, shards: list[tuple[str, int]], rng_key, epoch: int, skip: int) -> Iterator[dict[str, Any]]:
         """Yield raw samples of endless epochs, starting at `epoch` after its first `skip` samples."""

@@ -293,7 +293,9 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
 
     config.validate()
     training = config.training
-    accelerator = Accelerator(mixed_precision=training.mixed_precision)
+    # Without cpu=True accelerate runs processes started by torchrun on a machine without accelerators
+    # as independent single processes; with it they join one gloo process group.
+    accelerator = Accelerator(mixed_precision=training.mixed_precision, cpu=not torch.accelerator.is_available())
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     is_main = accelerator.is_main_process
 
