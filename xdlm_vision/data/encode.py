@@ -7,7 +7,7 @@ finished shards, skips them and encodes only the rest. Sample keys are the image
 source (`00000042`), and `00000042_flip` for its horizontally flipped copy.
 
 A corrupt image is logged, counted and left out of its shard, unless `--strict` makes it fatal.
-`meta.json` is written last, from what the shards on disk contain.
+`meta.json` is written last, from the samples of each shard as written or as verified on disk.
 """
 
 from __future__ import annotations
@@ -69,6 +69,7 @@ class ShardResult:
     num_samples: int
     num_corrupt: int
     skipped: bool
+    class_counts: list[int]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,15 +199,8 @@ def encode_dataset(
     if skipped:
         logger.info("%d of %d shards were already complete and verified", skipped, num_shards)
 
-    # meta.json from what the shards on disk hold.
-    class_counts = [0] * len(images.class_names)
-    shards = []
-    for result in results:
-        contents = read_token_shard(output_dir / result.name, grid_size, config.num_embeddings,
-                                    len(images.class_names))
-        for label in contents.labels:
-            class_counts[label] += 1
-        shards.append({"name": result.name, "num_samples": len(contents.keys)})
+    class_counts = [sum(counts) for counts in zip(*(result.class_counts for result in results))]
+    shards = [{"name": result.name, "num_samples": result.num_samples} for result in results]
     num_samples = sum(shard["num_samples"] for shard in shards)
     copies = 2 if horizontal_flip else 1
     num_corrupt = num_images - num_samples // copies
@@ -288,7 +282,8 @@ class _ShardJob:
                 contents = read_token_shard(path, settings.grid_size, settings.num_embeddings, self.num_classes)
                 if not set(contents.keys) <= expected_keys:
                     raise ValueError(f"token shard {path} contains keys outside images {start}..{stop - 1}")
-                return ShardResult(name, len(contents.keys), 0, skipped=True)
+                counts = np.bincount(np.asarray(contents.labels, dtype=np.int64), minlength=self.num_classes).tolist()
+                return ShardResult(name, len(contents.keys), 0, skipped=True, class_counts=counts)
             except ValueError as error:
                 logger.warning("re-encoding %s: %s", name, error)
 
@@ -321,7 +316,9 @@ class _ShardJob:
                 if flipped is not None:
                     samples.append((f"{image_index:08d}_flip", flipped[row], label))
         count = write_token_shard(path, samples)
-        return ShardResult(name, count, num_corrupt, skipped=False)
+        labels = np.asarray([label for _, _, label in samples], dtype=np.int64)
+        counts = np.bincount(labels, minlength=self.num_classes).tolist()
+        return ShardResult(name, count, num_corrupt, skipped=False, class_counts=counts)
 
 
 def _sample_keys(indices: Sequence[int], horizontal_flip: bool):
