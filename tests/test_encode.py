@@ -232,11 +232,14 @@ def test_encode_counts_corrupt_image_unless_strict(tmp_path, tokenizer_256, caps
     photo = data_dir / "train" / "n07920052" / "n07920052_00002.JPEG"
     photo.write_bytes(photo.read_bytes()[:300])
 
+    # One image per shard: the corrupt photo (image 4) leaves an empty shard, which meta.json does not list.
     meta = encode_dataset(tokenizer=tokenizer_256, source="imagefolder", data_dir=data_dir, split="train",
-                          output_dir=tmp_path / "lenient", threads=1)
+                          output_dir=tmp_path / "lenient", shard_size=1, threads=1)
     assert meta["num_corrupt"] == 1
     assert meta["num_samples"] == 5
     assert meta["class_counts"] == [2, 2, 1]
+    assert [shard["name"] for shard in meta["shards"]] == [f"train-00000{index}.tar" for index in (0, 1, 2, 3, 5)]
+    assert (tmp_path / "lenient" / "train-000004.tar").is_file()
 
     code = main(["encode", "--tokenizer", str(tokenizer_256), "--source", "imagefolder", "--data-dir",
                  str(data_dir), "--output-dir", str(tmp_path / "strict"), "--strict", "--threads", "1"])

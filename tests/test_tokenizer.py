@@ -139,7 +139,7 @@ def test_training_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
     options = dict(tokenizer_trainer.DEFAULTS)
     options.update(num_embeddings=32, embedding_dim=4, block_out_channels=[8, 8], latent_channels=8,
                    norm_num_groups=4, steps=8, batch_size=16, warmup_steps=2, log_every=4,
-                   checkpoint_every=4, restart_every=3, eval_images=0, threads=1)
+                   checkpoint_every=4, restart_every=3, eval_images=0, threads=1, horizontal_flip=True)
     tokenizer_trainer.train_tokenizer(options, tmp_path / "straight")
 
     # Interrupt right after the step-4 checkpoint, as Ctrl-C would, then resume.

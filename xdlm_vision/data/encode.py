@@ -200,7 +200,8 @@ def encode_dataset(
         logger.info("%d of %d shards were already complete and verified", skipped, num_shards)
 
     class_counts = [sum(counts) for counts in zip(*(result.class_counts for result in results))]
-    shards = [{"name": result.name, "num_samples": result.num_samples} for result in results]
+    # A shard whose images were all corrupt stays on disk (so a resume skips it) but is not listed.
+    shards = [{"name": result.name, "num_samples": result.num_samples} for result in results if result.num_samples]
     num_samples = sum(shard["num_samples"] for shard in shards)
     copies = 2 if horizontal_flip else 1
     num_corrupt = num_images - num_samples // copies

@@ -126,9 +126,10 @@ def resolve_options(args: argparse.Namespace) -> dict:
 class TrainingBatches:
     """Endless shuffled batches (images (B, 3, S, S) in [-1, 1], labels (B,)) whose position can be saved."""
 
-    def __init__(self, source, batch_size: int, seed: int):
+    def __init__(self, source, batch_size: int, seed: int, horizontal_flip: bool = False):
         self.source = source
         self.batch_size = batch_size
+        self.horizontal_flip = horizontal_flip
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch_order = torch.randperm(len(source), generator=self.generator)
         self.position = 0
@@ -150,7 +151,14 @@ class TrainingBatches:
         return indices
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        indices = self.next_indices()
+        images, labels = self._load(self.next_indices())
+        if self.horizontal_flip:
+            # Drawn from the saved generator, so a resumed run flips the same images.
+            flip = torch.rand(images.shape[0], generator=self.generator) < 0.5
+            images[flip] = images[flip].flip(-1)
+        return images, labels
+
+    def _load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # NOTE: photographs are decoded here, one at a time in the training process; a DataLoader with
         # worker processes would be faster for ImageFolder and shard sources.
         if isinstance(self.source, FashionMNISTSource):
@@ -318,7 +326,7 @@ def _train(options: dict, output_dir: Path, resume: bool) -> dict:
     # Data
     source = open_image_source(options["source"], options["data_dir"], options["split"], options["image_size"])
     image_size = source.image_size
-    batches = TrainingBatches(source, options["batch_size"], options["seed"])
+    batches = TrainingBatches(source, options["batch_size"], options["seed"], options["horizontal_flip"])
     logger.info("training on %d %s images (%s), %dx%d", len(source), options["source"], options["split"],
                 image_size, image_size)
 
@@ -358,9 +366,6 @@ def _train(options: dict, output_dir: Path, resume: bool) -> dict:
     progress = tqdm(total=options["steps"], initial=step, desc="train-tokenizer", unit="step")
     while step < options["steps"]:
         images, _ = batches.next()
-        if options["horizontal_flip"]:
-            flip = torch.rand(images.shape[0]) < 0.5
-            images[flip] = images[flip].flip(-1)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, options)
 
