@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from pathlib import Path
 
@@ -364,7 +365,9 @@ def llamagen_reference_decode(p, tokens, side):
 def llamagen_checkpoint(tmp_path_factory):
     state = random_llamagen_state_dict()
     path = tmp_path_factory.mktemp("llamagen") / "vq_ds16_c2i.pt"
-    torch.save({"model": state}, path)
+    # The other entries of a checkpoint written by LlamaGen's vq_train.py; only "model" is read.
+    arguments = argparse.Namespace(vq_model="VQ-16", codebook_size=16384, codebook_embed_dim=8, image_size=256)
+    torch.save({"model": state, "steps": 0, "args": arguments, "optimizer": {"state": {}, "param_groups": []}}, path)
     return path, state
 
 

@@ -14,6 +14,7 @@ post_quant_conv, decoder), so a VQModel state dict loads without renaming.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -478,7 +479,9 @@ def read_llamagen_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]
     if not os.path.isfile(path):
         raise ValueError(f"LlamaGen checkpoint not found: {path}; download vq_ds16_c2i.pt and pass its path")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        # LlamaGen's training script also saves its argparse.Namespace under "args"; allow that one class.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as error:
         raise ValueError(
             f"cannot read LlamaGen checkpoint {path}: {error}; the file is truncated or damaged, or it contains "

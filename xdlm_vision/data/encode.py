@@ -1,7 +1,7 @@
 """`xdlm-vision encode`: tokenize an image source once into WebDataset token shards.
 
-The images of a source, in its fixed order, are cut into shards of `--shard-size` images; shard `i`
-always contains images `i * shard_size ...`, so its name is deterministic. A shard is written under a
+The images of a source are cut, in the source's fixed order, into shards of `--shard-size` images.
+Shard `i` always contains images `i * shard_size ...`, so its name is deterministic. A shard is written under a
 temporary name and renamed when complete, so after an interruption the next run verifies the
 finished shards, skips them and encodes only the rest. Sample keys are the image's position in the
 source (`00000042`), and `00000042_flip` for its horizontally flipped copy.
