@@ -159,8 +159,8 @@ class TrainingBatches:
         return images, labels
 
     def _load(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # NOTE: photographs are decoded here, one at a time in the training process; a DataLoader with
-        # worker processes would be faster for ImageFolder and shard sources.
+        # NOTE: ImageFolder and shard images are decoded one at a time in the training process, which is
+        # slow for large photographs. A DataLoader with worker processes would be faster.
         if isinstance(self.source, FashionMNISTSource):
             return self.source.load_batch(indices.numpy())
         images, labels = [], []
