@@ -76,9 +76,12 @@ def fashion_shards(tmp_path_factory) -> Path:
 
 
 def tiny_config(shards: Path, output_dir: Path, *overrides: str):
-    """A small CPU run of the tiny preset: 6 steps of 8 samples in micro-batches of 4, checkpoints every 3 steps."""
+    """A small CPU run: a 2-block, 64-wide transformer, 6 steps of 8 samples in micro-batches of 4."""
+    preset = output_dir.parent / "test-preset.yaml"
+    preset.write_text("hidden_size: 64\ndepth: 2\nnum_heads: 2\nmlp_ratio: 2.0\n")
     config = load_config(REPO / "configs" / "fashion-mnist-xdlm.yaml", [
         f"data.shards={shards}", f"training.output_dir={output_dir}", "data.num_workers=0", "data.shuffle_buffer=32",
+        f"model.preset={preset}",
         "model.num_embeddings=none", "model.grid_size=none", "model.num_classes=none",
         "training.global_batch_size=8", "training.micro_batch_size=4", "training.max_steps=6",
         "training.log_every=1", "training.checkpoint_every=3", "training.keep_checkpoints=5",
@@ -247,13 +250,13 @@ def test_training_lowers_loss_on_fashion_mnist(trained_run, fashion_shards):
     tokens, labels = first_batch(fashion_shards, 64)
     scheduler = XDLMScheduler(num_embeddings=meta["num_embeddings"], mixing_ratio=0.1)
     torch.manual_seed(config.training.seed)
-    initial = XDLMTransformer.from_preset("tiny", num_embeddings=512, grid_size=8, num_classes=10)
+    initial = XDLMTransformer.from_preset(config.model.preset, num_embeddings=512, grid_size=8, num_classes=10)
     trained = XDLMTransformer.from_pretrained(result.checkpoint / "transformer")
 
     before = held_out_loss(initial, scheduler, tokens, labels)
     after = held_out_loss(trained, scheduler, tokens, labels)
     assert result.step == 30
-    assert after < 0.95 * before, (before, after)
+    assert after < 0.97 * before, (before, after)
 
 
 def test_training_writes_logs_grid_and_pipeline(trained_run):
