@@ -29,6 +29,9 @@ COMMANDS: dict[str, Command] = {
     "train": Command("xdlm_vision.training.trainer", "train the XDLM transformer on token shards; export a pipeline"),
     "fid": Command("xdlm_vision.metrics.fid", "sample a pipeline uniformly over classes; score FID, IS, KID, precision/recall"),
     "train-classifier": Command("xdlm_vision.metrics.classifier", "train the Fashion-MNIST classifier used as an offline feature extractor"),
+    "sample": Command("xdlm_vision.sampling", "sample a labelled image grid from a saved pipeline"),
+    "demo": Command("xdlm_vision.sampling", "sample a grid from the shipped pipeline and print a quick FID",
+                    add_arguments="add_demo_arguments", run="run_demo"),
 }
 
 
