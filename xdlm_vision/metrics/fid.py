@@ -89,6 +89,9 @@ def run_fid_job(
     num_steps = [int(steps) for steps in num_steps]
     if any(steps < 1 for steps in num_steps):
         raise ValueError(f"--num-steps values must be >= 1, got {num_steps}")
+    if rfid and reference.endswith(".npz"):
+        raise ValueError("--rfid reconstructs the reference images, but the reference is a statistics file; "
+                         "pass --reference as an image set (fashion-mnist:test or a folder)")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -102,6 +105,8 @@ def run_fid_job(
     loaded = [_load_pipeline(pipeline, device, XDLMPipeline) for pipeline in pipelines]
     names = _unique_names([name for name, _ in loaded])
     num_classes, class_names, sample_size = _common_classes(loaded)
+    if loaded:
+        SamplePlan(num_samples=num_samples, num_classes=num_classes, seed=seed, chunk_size=batch_size)  # validates
 
     # 3. The reference: features of a real set (cached) or a statistics file.
     reference_set: ImageSet | None = None
@@ -178,9 +183,6 @@ def run_fid_job(
     # 5. rFID: reconstructions of the reference images by each distinct tokenizer.
     rfid_results = []
     if rfid:
-        if reference_set is None:
-            raise ValueError("--rfid reconstructs the reference images, but the reference is a statistics file; "
-                             "pass --reference as an image set (fashion-mnist:test or a folder)")
         rfid_set = reference_set
         if rfid_samples is not None:
             per_class = rfid_samples // len(reference_set.class_names)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xdlm_vision.metrics.scores import feature_statistics
+from xdlm_vision.metrics.scores import feature_statistics, nearest_neighbor_radii
 
 logger = logging.getLogger(__name__)
 
@@ -152,12 +152,19 @@ class ReferenceFeatures:
     mu: np.ndarray | None = None
     sigma: np.ndarray | None = None
     _class_statistics: dict = field(default_factory=dict, repr=False)
+    _radii: dict = field(default_factory=dict, repr=False)
 
     def statistics(self) -> dict:
         if self.mu is None:
             statistics = feature_statistics(self.features)
             self.mu, self.sigma = statistics["mu"], statistics["sigma"]
         return {"mu": self.mu, "sigma": self.sigma}
+
+    def radii(self, neighborhood: int) -> torch.Tensor:
+        """Return the k-nearest-neighbour radii [N] of the reference features used by precision/recall."""
+        if neighborhood not in self._radii:
+            self._radii[neighborhood] = nearest_neighbor_radii(self.features, neighborhood)
+        return self._radii[neighborhood]
 
     def class_statistics(self, class_id: int) -> dict | None:
         """Return the statistics of one class's reference images, or None without features and labels."""

@@ -14,7 +14,7 @@ import torch
 from torch_fidelity.metric_fid import fid_statistics_to_metric
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_kid import kid_features_to_metric
-from torch_fidelity.metric_prc import prc_features_to_metric
+from torch_fidelity.metric_prc import calc_cdist_part
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,8 @@ def score_features(
         metrics.update(kid_mean=None, kid_std=None, precision=None, recall=None, f_score=None)
     else:
         metrics.update(kid(generated, reference_features, options))
-        prc = prc_features_to_metric(generated, reference_features, prc_neighborhood=options.prc_neighborhood,
-                                     save_cpu_ram=True, verbose=False)
-        metrics.update(precision=prc["precision"], recall=prc["recall"], f_score=prc["f_score"])
+        metrics.update(precision_recall(generated, reference_features, reference.radii(options.prc_neighborhood),
+                                        options.prc_neighborhood))
 
     metrics["per_class_fid"] = per_class_fid(generated, labels, reference, class_names)
 
@@ -112,6 +111,44 @@ def kid(features_1: torch.Tensor, features_2: torch.Tensor, options: ScoreOption
                                     kid_subset_size=subset_size, rng_seed=options.rng_seed, verbose=False)
     return {"kid_mean": result["kernel_inception_distance_mean"], "kid_std": result["kernel_inception_distance_std"],
             "kid_subset_size": subset_size}
+
+
+def nearest_neighbor_radii(features: torch.Tensor, neighborhood: int, batch_size: int = 10000) -> torch.Tensor:
+    """Return each point's distance [N] to its `neighborhood`-th nearest other point (the radius of its ball)."""
+    return torch.cat([
+        calc_cdist_part(batch, features, batch_size).kthvalue(neighborhood + 1).values  # (b,)
+        for batch in features.split(batch_size)
+    ])
+
+
+def precision_recall(
+    generated: torch.Tensor,
+    reference: torch.Tensor,
+    reference_radii: torch.Tensor,
+    neighborhood: int,
+    batch_size: int = 10000,
+) -> dict:
+    """Return improved precision and recall (Kynkäänniemi et al., 2019) as torch-fidelity 0.4 computes them.
+
+    The reference radii are passed in so that a job computes them once for all its sets; otherwise this is
+    `torch_fidelity.metric_prc.calculate_precision_recall_part` (checked equal in the tests).
+    Precision: the fraction of generated points inside some reference point's ball. Recall: the
+    fraction of reference points inside some generated point's ball.
+    """
+    if len(generated) <= neighborhood:
+        logger.warning("precision/recall need more than %d images per set, got %d", neighborhood, len(generated))
+        return {"precision": None, "recall": None, "f_score": None}
+    generated_radii = nearest_neighbor_radii(generated, neighborhood, batch_size)  # (N,)
+    recall = torch.cat([
+        (calc_cdist_part(batch, generated, batch_size) <= generated_radii).any(dim=1).float()
+        for batch in reference.split(batch_size)
+    ]).mean().item()
+    precision = torch.cat([
+        (calc_cdist_part(batch, reference, batch_size) <= reference_radii).any(dim=1).float()
+        for batch in generated.split(batch_size)
+    ]).mean().item()
+    f_score = 2 * precision * recall / max(1e-5, precision + recall)
+    return {"precision": precision, "recall": recall, "f_score": f_score}
 
 
 def per_class_fid(generated: torch.Tensor, labels: torch.Tensor, reference, class_names: list[str]) -> dict | None:
