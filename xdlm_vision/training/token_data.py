@@ -101,7 +101,12 @@ def _decode_sample(sample: dict[str, Any], grid_size: int, num_embeddings: int, 
             f"sample {key!r} in {sample.get('__url__', '?')} lacks tokens.npy or cls; re-encode the shard"
         )
 
-    grid = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+    try:
+        grid = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
+        label = int(sample["cls"].decode("ascii").strip())
+    except (ValueError, EOFError, OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"sample {key!r} in {sample.get('__url__', '?')} cannot be parsed ({error}); re-encode the "
+                         "shard") from error
     if grid.shape != (grid_size, grid_size) or grid.dtype.kind != "u":
         raise ValueError(
             f"sample {key!r} has tokens of shape {grid.shape} and dtype {grid.dtype}; "
@@ -177,7 +182,7 @@ class TokenShardDataset(IterableDataset):
             order = list(shards)
             rng.shuffle(order)
 
-            raw = wds.tarfile_to_samples()(iter([{"url": url} for url, _ in order]))
+            raw = wds.tarfile_to_samples(handler=_raise_damaged_shard)(iter([{"url": url} for url, _ in order]))
             shuffled = wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(raw)
             count = 0
             for sample in shuffled:
@@ -226,6 +231,20 @@ class TokenShardDataset(IterableDataset):
                 }
             stream_batch += 1
             batch = []
+
+
+def _raise_damaged_shard(error: Exception) -> bool:
+    """Turn a tar read error (truncated, empty or garbled shard) into a ValueError that names the shard.
+
+    A damaged shard stops training rather than being skipped: skipping would change the data order
+    and the sample count of an epoch, and with them the exact resume.
+    """
+    source = next((arg for arg in reversed(error.args) if isinstance(arg, str) and arg.endswith(".tar")), None)
+    reason = error.args[0] if error.args else type(error).__name__
+    raise ValueError(
+        f"token shard {source or '?'} is damaged ({reason}); run `xdlm-vision encode` again with the same "
+        "--output-dir to re-encode damaged shards"
+    ) from error
 
 
 def _ignore_interrupts(worker_id: int) -> None:
