@@ -52,18 +52,23 @@ def write_token_shard(path: str | os.PathLike, samples: Iterable[tuple[str, np.n
     path = Path(path)
     temporary = path.with_name(f".{path.name}.tmp")
     count = 0
-    with open(temporary, "wb") as file:
-        with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-            for key, tokens, label in samples:
-                if "." in key:
-                    raise ValueError(f"sample key {key!r} contains a dot, which WebDataset reads as an extension")
-                buffer = io.BytesIO()
-                np.save(buffer, np.ascontiguousarray(tokens), allow_pickle=False)
-                _add_member(archive, f"{key}.tokens.npy", buffer.getvalue())
-                _add_member(archive, f"{key}.cls", str(int(label)).encode("ascii"))
-                count += 1
-        file.flush()
-        os.fsync(file.fileno())
+    try:
+        with open(temporary, "wb") as file:
+            with tarfile.open(fileobj=file, mode="w", format=tarfile.USTAR_FORMAT) as archive:
+                for key, tokens, label in samples:
+                    if "." in key:
+                        raise ValueError(f"sample key {key!r} contains a dot, which WebDataset reads as an extension")
+                    buffer = io.BytesIO()
+                    np.save(buffer, np.ascontiguousarray(tokens), allow_pickle=False)
+                    _add_member(archive, f"{key}.tokens.npy", buffer.getvalue())
+                    _add_member(archive, f"{key}.cls", str(int(label)).encode("ascii"))
+                    count += 1
+            file.flush()
+            os.fsync(file.fileno())
+    except BaseException:
+        # A failed write (a full disk, say) must not leave a partial file that keeps the space.
+        temporary.unlink(missing_ok=True)
+        raise
     os.replace(temporary, path)
     return count
 
