@@ -360,9 +360,22 @@ class XDLMPipeline(DiffusionPipeline):
         diffusers resolves a component class recorded as `[module, class]` in `model_index.json` only from
         modules already imported. This method first imports the modules of this package named there
         (such as `xdlm_vision.tokenizer`), so loading needs neither `trust_remote_code` nor a prior import.
+        A local folder is checked first (see `check_saved_folder`), so a missing component, damaged
+        weights or sizes that disagree raise an error naming the file; weights load from safetensors only.
         """
         _import_own_component_modules(pretrained_model_name_or_path)
+        if os.path.isdir(pretrained_model_name_or_path):
+            check_saved_folder(pretrained_model_name_or_path)
+            kwargs.setdefault("use_safetensors", True)  # never fall back to pickled .bin weights
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
 
 
 def _import_own_component_modules(folder: str | os.PathLike) -> None:
@@ -370,12 +383,73 @@ def _import_own_component_modules(folder: str | os.PathLike) -> None:
     index_path = os.path.join(folder, "model_index.json")
     if not os.path.isfile(index_path):
         return
-    with open(index_path, encoding="utf-8") as file:
-        index = json.load(file)
+    index = _read_json(index_path)
     for value in index.values():
         is_component = isinstance(value, list) and len(value) == 2 and isinstance(value[0], str)
         if is_component and value[0].startswith(_OWN_PACKAGE + "."):
             importlib.import_module(value[0])
+
+
+def check_saved_folder(folder: str | os.PathLike) -> None:
+    """Check a saved pipeline folder before loading it; raise OSError or ValueError naming the file at fault.
+
+    Every model component needs `config.json` and safetensors weights whose tensor names and shapes are
+    those its config builds; the tokenizer, transformer and scheduler configs must agree on the codebook
+    size and the grid. Only file headers are read: the check builds each model on the meta device.
+    """
+    from diffusers import ModelMixin
+    from safetensors import safe_open
+
+    folder = os.fspath(folder)
+    index_path = os.path.join(folder, "model_index.json")
+    if not os.path.isfile(index_path):
+        raise OSError(f"{index_path} not found; {folder!r} is not a saved pipeline folder")
+    configs: dict[str, tuple[str, dict[str, Any]]] = {}
+    for name, value in _read_json(index_path).items():
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(item, str) for item in value)):
+            continue  # a plain setting (id2label) or an absent optional component
+        try:
+            component_class = getattr(importlib.import_module(value[0]), value[1])
+        except (ImportError, AttributeError):
+            continue  # diffusers reports classes it cannot resolve
+        is_model = isinstance(component_class, type) and issubclass(component_class, ModelMixin)
+        config_path = os.path.join(folder, name, "config.json" if is_model else "scheduler_config.json")
+        if not os.path.isfile(config_path):
+            raise OSError(f"pipeline folder {folder!r} lacks its {name} component: {config_path} not found")
+        config = _read_json(config_path)
+        configs[name] = (config_path, config)
+        if not is_model:
+            continue
+
+        weights_path = os.path.join(folder, name, "diffusion_pytorch_model.safetensors")
+        if not os.path.isfile(weights_path):
+            raise OSError(f"{weights_path} not found; the {name} component needs safetensors weights "
+                          "(pickled .bin weights are not loaded)")
+        try:
+            with safe_open(weights_path, framework="pt") as file:
+                saved = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+            raise OSError(f"{weights_path} is damaged or truncated ({error}); save or copy the pipeline again") from None
+        with torch.device("meta"):
+            expected = {key: tuple(tensor.shape) for key, tensor in component_class.from_config(config).state_dict().items()}
+        missing = sorted(expected.keys() - saved.keys())
+        mismatched = [f"{key} {saved[key]} != {expected[key]}" for key in sorted(expected.keys() & saved.keys())
+                      if saved[key] != expected[key]]
+        if missing or mismatched:
+            details = "; ".join([*(f"{key} missing" for key in missing[:4]), *mismatched[:4]])
+            raise ValueError(f"{weights_path} does not match {config_path} (saved shape != config shape): {details}")
+
+    transformer = configs.get("transformer")
+    if transformer is None:
+        return
+    for name, keys in (("vqvae", ("num_embeddings", "grid_size")), ("scheduler", ("num_embeddings",))):
+        if name not in configs:
+            continue
+        path, config = configs[name]
+        for key in keys:
+            if key in config and config[key] != transformer[1].get(key):
+                raise ValueError(f"{key}={config[key]} in {path} disagrees with {key}={transformer[1].get(key)} in "
+                                 f"{transformer[0]}; the components come from different models")
 
 
 def _normalize_id2label(
