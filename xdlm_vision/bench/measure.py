@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import statistics
 import threading
@@ -88,3 +89,77 @@ def measure(function: Callable[[], object], repeats: int = 5, warmup: int = 1) -
         times.append(elapsed)
         peaks.append(sampler.peak_extra_bytes)
     return Measurement(median_s=statistics.median(times), times_s=times, peak_extra_bytes=max(peaks))
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued kernels on an accelerator, so that wall time covers them; nothing to wait for on CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class ComponentTimer:
+    """Accumulates wall time of chosen methods while they are wrapped by `wrap`.
+
+    `wrap(owner, "method", "component")` replaces the method on that one object by a timed version
+    (an instance attribute, so other objects of the class are untouched) and restores it on exit.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+
+    def reset(self) -> None:
+        self.seconds.clear()
+        self.calls.clear()
+
+    @contextlib.contextmanager
+    def wrap(self, owner: object, method_name: str, component: str):
+        original = getattr(owner, method_name)
+        shadowed = method_name in vars(owner)
+
+        def timed(*args, **kwargs):
+            synchronize(self.device)
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                synchronize(self.device)
+                self.seconds[component] = self.seconds.get(component, 0.0) + time.perf_counter() - start
+                self.calls[component] = self.calls.get(component, 0) + 1
+
+        setattr(owner, method_name, timed)
+        try:
+            yield self
+        finally:
+            if shadowed:
+                setattr(owner, method_name, original)
+            else:
+                delattr(owner, method_name)
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 2048, repeats: int = 5, device: torch.device | str = "cpu") -> dict:
+    """Measure the best achieved FLOP/s of a square `size` matmul in `dtype` (2 * size**3 FLOP per product)."""
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    right = torch.randn(size, size, generator=generator).to(device=device, dtype=dtype)
+    left @ right  # warm-up: the first call selects and loads the kernel
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        left @ right
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    flops = 2.0 * size**3
+    return {"dtype": str(dtype).removeprefix("torch."), "size": size, "best_s": min(times),
+            "median_s": statistics.median(times), "flop_per_s": flops / min(times)}
+
+
+def count_flops(function: Callable[[], object]) -> int:
+    """Count the floating-point operations of one call with PyTorch's FlopCounterMode (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        function()
+    return int(counter.get_total_flops())
