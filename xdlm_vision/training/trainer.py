@@ -378,7 +378,7 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     bucket_sum = torch.zeros(NUM_T_BUCKETS, device=device, dtype=torch.float64)
     bucket_count = torch.zeros(NUM_T_BUCKETS, device=device, dtype=torch.float64)
     grad_norm_sum, interval_steps, interval_start = 0.0, 0, time.perf_counter()
-    last_checkpoint: Path | None = None
+    last_checkpoint: Path | None = resume_from  # named when the loss fails before the next save
 
     # 5. The loop.
     with StopRequest() as stop_request:
