@@ -315,3 +315,17 @@ def test_token_shard_write_failure_keeps_previous_file(tmp_path, monkeypatch):
         shards_module.write_token_shard(path, failing_samples())
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]
+
+
+def test_nan_after_resume_names_resumed_checkpoint(tmp_path, monkeypatch, reference_run):
+    from xdlm_vision.scheduler import XDLMScheduler
+
+    shards, _ = reference_run
+    config = tiny_config(shards, tmp_path / "run", "training.max_steps=2", "training.checkpoint_every=2")
+    first = train(config)
+    original_loss = XDLMScheduler.loss
+    monkeypatch.setattr(XDLMScheduler, "loss",
+                        lambda self, *args: original_loss(self, *args) * float("nan"))
+    config = tiny_config(shards, tmp_path / "run", "training.checkpoint_every=2")
+    with pytest.raises(NonFiniteLossError, match=re.escape(f"last: {first.checkpoint}")):
+        train(config, resume="latest")
