@@ -123,7 +123,7 @@ def test_token_stream_resume_continues_exactly(tmp_path, num_workers):
 
 @pytest.mark.parametrize("num_shards", [1, 4])
 def test_token_stream_processes_share_one_epoch(tmp_path, num_shards):
-    """Two processes read disjoint samples; with one shard they see the batches one process sees."""
+    """Two processes read disjoint samples; with one shard they receive the batches of one process."""
     shards = write_random_shards(tmp_path / "shards", num_samples=24, num_shards=num_shards)
     streams = [iter(TokenShardDataset(shards, 3, rank=rank, world_size=2, seed=5, shuffle_buffer=6))
                for rank in range(2)]
@@ -298,13 +298,15 @@ def run_and_read(config) -> dict[str, torch.Tensor]:
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
     shards = write_random_shards(tmp_path / "shards", num_samples=20, num_shards=2)
-    uninterrupted = run_and_read(tiny_config(shards, tmp_path / "a"))
+    threads = torch.get_num_threads()
+    uninterrupted = run_and_read(tiny_config(shards, tmp_path / "a", "training.num_threads=1"))
+    assert torch.get_num_threads() == threads
 
     # A second run starts from the first one's step-3 checkpoint, as if it had been stopped there.
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000003", tmp_path / "b" / "checkpoints" / "step-00000003")
     torch.manual_seed(12345)  # the global generator must not matter
-    config = tiny_config(shards, tmp_path / "b")
+    config = tiny_config(shards, tmp_path / "b", "training.num_threads=1")
     resumed = train(config, resume="latest")
     resumed_weights = {**{f"model.{k}": v for k, v in load_file(resumed.checkpoint / "transformer" / WEIGHTS).items()},
                        **{f"ema.{k}": v for k, v in load_file(resumed.checkpoint / "ema" / WEIGHTS).items()}}

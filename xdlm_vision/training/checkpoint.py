@@ -79,7 +79,7 @@ def resolve_checkpoint(spec: str | os.PathLike, run_dir: str | os.PathLike) -> P
 
 
 def rng_state() -> dict[str, Any]:
-    """The states of Python's, NumPy's and torch's global generators, in types torch.load(weights_only=True) reads."""
+    """Return the states of the global Python, NumPy and torch generators, in types that torch.load(weights_only=True) reads."""
     numpy_state = np.random.get_state()
     state = {
         "python": random.getstate(),

@@ -22,7 +22,7 @@ LR_SCHEDULES = ("constant", "cosine")
 
 @dataclass
 class DataConfig:
-    """Where the token shards are and how they are read."""
+    """Location of the token shards and options of their reader."""
 
     shards: str = ""  # folder with `{split}-*.tar` token shards and their meta.json
     shuffle_buffer: int = 10000  # samples held in the shuffle buffer of each data worker
@@ -74,6 +74,7 @@ class TrainingConfig:
     micro_batch_size: int = 64  # samples per forward pass in one process
     seed: int = 0
     mixed_precision: str = "no"  # "no" or "bf16" (autocast of the transformer's forward pass)
+    num_threads: int | None = None  # torch CPU threads per process; None keeps torch's default
     ema_decay: float = 0.9999  # target decay; early steps use min(ema_decay, (1 + step) / (10 + step))
     log_every: int = 50  # steps between log lines and CSV rows
     checkpoint_every: int = 1000  # steps between checkpoints; one is also written at the end
@@ -115,6 +116,7 @@ class TrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ValueError(f"{key} must be at least 1, got {value}")
+
         non_negative = {
             "training.sample_every": training.sample_every,
             "data.num_workers": self.data.num_workers,
@@ -125,6 +127,9 @@ class TrainConfig:
         for key, value in non_negative.items():
             if value < 0:
                 raise ValueError(f"{key} must be >= 0, got {value}")
+
+        if training.num_threads is not None and training.num_threads < 1:
+            raise ValueError(f"training.num_threads must be at least 1 or null, got {training.num_threads}")
         if not optimizer.lr > 0:
             raise ValueError(f"optimizer.lr must be > 0, got {optimizer.lr}")
         if len(optimizer.betas) != 2 or not all(0.0 <= beta < 1.0 for beta in optimizer.betas):
@@ -133,6 +138,7 @@ class TrainConfig:
             raise ValueError(f"optimizer.lr_schedule must be one of {LR_SCHEDULES}, got {optimizer.lr_schedule!r}")
         if not 0.0 <= optimizer.min_lr_ratio <= 1.0:
             raise ValueError(f"optimizer.min_lr_ratio must be in [0, 1], got {optimizer.min_lr_ratio}")
+
         if training.mixed_precision not in MIXED_PRECISION_MODES:
             raise ValueError(
                 f"training.mixed_precision must be one of {MIXED_PRECISION_MODES}, got {training.mixed_precision!r}"

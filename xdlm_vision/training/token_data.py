@@ -1,6 +1,6 @@
 """Reading token shards for training: an endless, shuffled, resumable stream of micro-batches.
 
-A token-shard folder holds WebDataset tar files (one sample per image: `tokens.npy` with the h x w
+A token-shard folder contains WebDataset tar files (one sample per image: `tokens.npy` with the h x w
 grid and `cls` with the class index as text) and a `meta.json` that lists the shards and their sizes.
 
 Every reader (one per DataLoader worker of every process) produces a deterministic stream, so a run
@@ -115,7 +115,6 @@ def _decode_sample(sample: dict[str, Any], grid_size: int, num_embeddings: int, 
     if grid.size and int(grid.max()) >= num_embeddings:
         raise ValueError(f"sample {key!r} has token {int(grid.max())}, outside the codebook of {num_embeddings}")
 
-    label = int(sample["cls"].decode("ascii").strip())
     if not 0 <= label < num_classes:
         raise ValueError(f"sample {key!r} has class {label}, outside [0, {num_classes})")
     return torch.from_numpy(grid.astype(np.int64).reshape(-1)), label, key
@@ -170,7 +169,7 @@ class TokenShardDataset(IterableDataset):
         if num_readers > 1 and len(shards) >= num_readers:
             return {"shards": shards[reader::num_readers], "rng_key": reader, "stride": 1, "offset": 0}
         # One reader, or too few shards to split: every reader reads the common stream of all shards and
-        # they take turns batch by batch. One process then sees the batches that R processes share.
+        # they take turns batch by batch. One process then receives the batches that R processes share.
         return {"shards": shards, "rng_key": "common", "stride": num_readers, "offset": reader}
 
     def _epochs(self, shards: list[tuple[str, int]], rng_key, epoch: int, skip: int) -> Iterator[dict[str, Any]]:

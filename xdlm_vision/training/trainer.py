@@ -48,7 +48,7 @@ class NonFiniteLossError(FloatingPointError):
 
 @dataclass
 class TrainResult:
-    """What a call of `train` did."""
+    """Outcome of a call of `train`."""
 
     step: int  # optimizer steps completed
     checkpoint: Path | None  # the last checkpoint written
@@ -131,7 +131,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def seed_for(*values: int) -> int:
-    """A 63-bit seed mixed from integers, different for every (seed, step, block)."""
+    """Mix integers into a 63-bit seed that differs for every (seed, step, block)."""
     return int(np.random.SeedSequence([int(value) for value in values]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
@@ -283,7 +283,24 @@ def load_checkpoint(folder: Path, model, ema, optimizer, lr_schedule, process_in
 
 
 def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
-    """Train the transformer as `config` says; see the module docstring. Call in every process of a launch."""
+    """Train the transformer with the settings of `config` (see the module docstring); call it in every process.
+
+    Args:
+        config: the recipe; see `TrainConfig`.
+        resume: None to start afresh, "latest" for the newest complete checkpoint of the run (a new run
+            when there is none), or the path of a checkpoint or run folder.
+    """
+    config.validate()
+    previous_threads = torch.get_num_threads()
+    if config.training.num_threads is not None:
+        torch.set_num_threads(config.training.num_threads)
+    try:
+        return _train(config, resume)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _train(config: TrainConfig, resume: str | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
@@ -291,7 +308,6 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
     from xdlm_vision.training.export import build_pipeline, load_checked_tokenizer, resolve_tokenizer_path, save_pipeline
     from xdlm_vision.transformer import XDLMTransformer
 
-    config.validate()
     training = config.training
     # Without cpu=True accelerate runs processes started by torchrun on a machine without accelerators
     # as independent single processes; with it they join one gloo process group.
@@ -429,7 +445,8 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
                     raise NonFiniteLossError(
                         f"the loss became NaN or infinite at step {step + 1} in a batch with keys "
                         f"{bad_keys[:16]}{' ...' if len(bad_keys) > 16 else ''}; the weights of this step were not "
-                        f"updated and no checkpoint was written for it (last: {last_checkpoint or 'none'})"
+                        f"updated and no checkpoint was written for it (last: {last_checkpoint or 'none'}). Inspect "
+                        "these samples, or resume from the last checkpoint with a lower optimizer.lr"
                     )
 
                 grad_norm = accelerator.clip_grad_norm_(transformer.parameters(),
@@ -437,7 +454,8 @@ def train(config: TrainConfig, resume: str | None = None) -> TrainResult:
                 if not torch.isfinite(grad_norm):
                     raise NonFiniteLossError(
                         f"the gradient norm became {float(grad_norm)} at step {step + 1} (batch keys "
-                        f"{step_keys[:16]}); the weights of this step were not updated"
+                        f"{step_keys[:16]}); the weights of this step were not updated. Resume from the last checkpoint "
+                        "with a lower optimizer.lr or optimizer.grad_clip"
                     )
                 optimizer.step()
                 lr_schedule.step()
