@@ -334,14 +334,19 @@ class XDLMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"guidance_scale must be >= 0 (1 means no guidance), got {guidance_scale}")
 
         n = self.num_embeddings
-        log_p_cond = torch.log_softmax(cond_logits[..., :n].float(), dim=-1)  # (..., N)
-        guided = log_p_cond
-        if guidance_scale != 1.0:
-            log_p_uncond = torch.log_softmax(uncond_logits[..., :n].float(), dim=-1)  # (..., N)
+        # The mixture is built in one float32 buffer of N + 1 entries whose mask entry is -inf, so one
+        # log_softmax over whole rows normalizes it, and no tensor is concatenated afterwards.
+        mixed = torch.empty(cond_logits.shape, dtype=torch.float32, device=cond_logits.device)  # (..., N + 1)
+        mixed[..., n] = float("-inf")
+        cond = cond_logits[..., :n].float()  # (..., N), a view for float32 input
+        if guidance_scale == 1.0:
+            mixed[..., :n] = cond
+        else:
+            # w log p_cond + (1 - w) log p_uncond differs from w cond + (1 - w) uncond by a constant per
+            # row, which the final log_softmax removes, so the two inner normalizations are skipped.
             # The mask entry is excluded before mixing: with w > 1, (1 - w) * (-inf) would be +inf.
-            guided = torch.log_softmax(guidance_scale * log_p_cond + (1.0 - guidance_scale) * log_p_uncond, dim=-1)
-        mask_entry = torch.full_like(guided[..., :1], float("-inf"))
-        return torch.cat([guided, mask_entry], dim=-1).to(cond_logits.dtype)  # (..., N + 1)
+            torch.lerp(uncond_logits[..., :n].float(), cond, guidance_scale, out=mixed[..., :n])
+        return torch.log_softmax(mixed, dim=-1).to(cond_logits.dtype)  # (..., N + 1)
 
     # ------------------------------------------------------------------ reverse process
 

@@ -270,13 +270,25 @@ def load_checkpoint(folder: Path, model, ema, optimizer, lr_schedule, process_in
     state = ckpt.read_training_state(folder)
     model.load_state_dict(load_file(folder / "transformer" / WEIGHTS_FILE))
     ema.load_state_dict(load_file(folder / "ema" / WEIGHTS_FILE))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
     lr_schedule.load_state_dict(state["lr_schedule"])
 
     rng_path = folder / f"rng-{process_index}.pt"
     if state["layout"]["num_processes"] == num_processes and rng_path.is_file():
-        ckpt.set_rng_state(torch.load(rng_path, weights_only=True))
+        ckpt.set_rng_state(_load_tensors(rng_path))
     return state
+
+
+def _load_tensors(path: Path) -> Any:
+    """torch.load a checkpoint file that holds tensors and plain values only; anything else is a ValueError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch.load raises many types for damaged or unsafe files
+        # torch's message for an unsafe pickle is a page long; its WeightsUnpickler line says what was refused.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if "WeightsUnpickler" in line), lines[-1])
+        raise ValueError(f"checkpoint file {path} is damaged or holds objects other than tensors ({reason}); "
+                         "resume from an earlier checkpoint") from error
 
 
 # ------------------------------------------------------------------ training
