@@ -329,3 +329,184 @@ def test_nan_after_resume_names_resumed_checkpoint(tmp_path, monkeypatch, refere
     config = tiny_config(shards, tmp_path / "run", "training.checkpoint_every=2")
     with pytest.raises(NonFiniteLossError, match=re.escape(f"last: {first.checkpoint}")):
         train(config, resume="latest")
+
+
+# ------------------------------------------------------------------ safe loading
+
+
+class WritesMarker:
+    """A pickled object whose unpickling creates a file: the stand-in for code hidden in a checkpoint."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def crafted_pickle(path: Path, marker: Path) -> Path:
+    torch.save({"model": {"weight": torch.zeros(2)}, "state": WritesMarker(marker)}, path)
+    return path
+
+
+def test_crafted_pickle_runs_code_without_weights_only(tmp_path):
+    """Control: the crafted file really executes code when unpickled in full, so the tests below can fail."""
+    marker = tmp_path / "marker"
+    path = crafted_pickle(tmp_path / "evil.pt", marker)
+    torch.load(path, weights_only=False)
+    assert marker.exists()
+
+
+def test_crafted_pickle_rejected_by_llamagen_loader(tmp_path):
+    from xdlm_vision.tokenizer import VQTokenizer, load_tokenizer
+
+    marker = tmp_path / "marker"
+    path = crafted_pickle(tmp_path / "vq_ds16_c2i.pt", marker)
+    with pytest.raises(ValueError, match="objects other than tensors"):
+        VQTokenizer.from_llamagen_checkpoint(path)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        load_tokenizer(path)
+    assert not marker.exists()
+
+
+def test_crafted_pickle_rejected_by_inception_loader(tmp_path):
+    from xdlm_vision.metrics.extractor import FeatureExtractorWeightsError, resolve_inception_weights
+
+    marker = tmp_path / "marker"
+    path = crafted_pickle(tmp_path / "weights-inception.pth", marker)
+    with pytest.raises(FeatureExtractorWeightsError, match="damaged or not a PyTorch state dict"):
+        resolve_inception_weights(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("member, damage", [("optimizer.pt", "crafted"), ("rng-0.pt", "crafted"),
+                                            ("optimizer.pt", "truncated")])
+def test_unsafe_or_damaged_checkpoint_file_rejected_on_resume(tmp_path, reference_run, capsys, member, damage):
+    shards, _ = reference_run
+    config = tiny_config(shards, tmp_path / "run", "training.max_steps=1", "training.checkpoint_every=1")
+    folder = train(config).checkpoint
+    marker = tmp_path / "marker"
+    if damage == "crafted":
+        crafted_pickle(folder / member, marker)
+    else:
+        truncate(folder / member)
+    config_path = tmp_path / "config.yaml"
+    save_config(tiny_config(shards, tmp_path / "run", "training.max_steps=2"), config_path)
+    code, _, err = run_cli(["train", "--config", str(config_path), "--resume"], capsys)
+
+    assert_one_line_error(code, err)
+    assert member in err
+    assert not marker.exists()
+
+
+def test_pickled_bin_weights_never_loaded_into_pipeline(tmp_path, pipeline_folder):
+    from xdlm_vision.pipeline import XDLMPipeline
+
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline_folder, folder)
+    (folder / "transformer" / WEIGHTS).unlink()
+    marker = tmp_path / "marker"
+    crafted_pickle(folder / "transformer" / "diffusion_pytorch_model.bin", marker)
+    with pytest.raises(OSError, match=r"transformer/diffusion_pytorch_model.safetensors not found"):
+        XDLMPipeline.from_pretrained(folder)
+    assert not marker.exists()
+
+
+def test_source_loads_pickles_only_with_weights_only():
+    sources = {path: path.read_text() for path in (REPO / "xdlm_vision").rglob("*.py")}
+    for path, text in sources.items():
+        for call in re.finditer(r"torch\.load\(", text):
+            line = text[text.rfind("\n", 0, call.start()) + 1: text.find("\n", call.start())]
+            if line.lstrip().startswith("#") or "`torch.load" in line or '"' in line.split("torch.load")[0]:
+                continue  # a comment or docstring that names the call
+            arguments = text[call.end(): text.find(")", text.find("\n", call.start()))]
+            assert "weights_only=True" in arguments, f"{path}: {line.strip()}"
+        assert "trust_remote_code=True" not in text, path
+        assert "allow_pickle=True" not in text, path
+        assert not re.search(r"\bpickle\.loads?\(", text), path
+
+
+# ------------------------------------------------------------------ damaged or mismatched pipeline folders
+
+N = 24  # codebook of the tiny pipeline
+
+
+def tiny_tokenizer(num_embeddings: int = N):
+    from xdlm_vision.tokenizer import VQTokenizer
+
+    torch.manual_seed(0)
+    return VQTokenizer(num_embeddings=num_embeddings, image_size=8, block_out_channels=(8, 8),
+                       down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                       latent_channels=8, norm_num_groups=4)
+
+
+def tiny_pipeline():
+    from xdlm_vision import XDLMPipeline, XDLMScheduler, XDLMTransformer
+
+    tokenizer = tiny_tokenizer()
+    transformer = XDLMTransformer(num_embeddings=N, grid_size=tokenizer.config.grid_size, num_classes=3,
+                                  hidden_size=32, depth=1, num_heads=2)
+    pipe = XDLMPipeline(vqvae=tokenizer, transformer=transformer, scheduler=XDLMScheduler(num_embeddings=N),
+                        id2label=["a", "b", "c"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipeline_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny"
+    tiny_pipeline().save_pretrained(folder)
+    return folder
+
+
+def edit_json(path: Path, **changes) -> None:
+    config = json.loads(path.read_text())
+    config.update(changes)
+    path.write_text(json.dumps(config))
+
+
+def swap_tokenizer(folder: Path) -> None:
+    shutil.rmtree(folder / "vqvae")
+    tiny_tokenizer(num_embeddings=32).save_pretrained(folder / "vqvae")
+
+
+FOLDER_FAULTS = {
+    "missing-component": (lambda folder: shutil.rmtree(folder / "transformer"),
+                          OSError, r"lacks its transformer component: .*transformer/config.json not found"),
+    "missing-index": (lambda folder: (folder / "model_index.json").unlink(),
+                      OSError, r"model_index.json not found"),
+    "broken-index": (lambda folder: (folder / "model_index.json").write_text("{not json"),
+                     ValueError, r"model_index.json is not valid JSON"),
+    "truncated-weights": (lambda folder: truncate(folder / "transformer" / WEIGHTS),
+                          OSError, r"transformer/diffusion_pytorch_model.safetensors is damaged or truncated"),
+    "garbage-weights": (lambda folder: (folder / "vqvae" / WEIGHTS).write_bytes(b"\x00" * 64),
+                        OSError, r"vqvae/diffusion_pytorch_model.safetensors is damaged or truncated"),
+    "config-sizes-disagree": (lambda folder: edit_json(folder / "transformer" / "config.json", hidden_size=64),
+                              ValueError, r"transformer/diffusion_pytorch_model.safetensors does not match "
+                              r".*transformer/config.json .*\(32,\) != \(64,\)"),
+    "tokenizer-codebook-disagrees": (swap_tokenizer, ValueError,
+                                     r"num_embeddings=32 in .*vqvae/config.json disagrees with num_embeddings=24 in "
+                                     r".*transformer/config.json"),
+    "scheduler-codebook-disagrees": (lambda folder: edit_json(folder / "scheduler" / "scheduler_config.json",
+                                                              num_embeddings=16),
+                                     ValueError, r"num_embeddings=16 in .*scheduler_config.json disagrees"),
+}
+
+
+@pytest.mark.parametrize("fault", list(FOLDER_FAULTS))
+def test_damaged_pipeline_folder_names_file_and_mismatch(tmp_path, pipeline_folder, fault):
+    from xdlm_vision.pipeline import XDLMPipeline
+
+    damage, error, message = FOLDER_FAULTS[fault]
+    folder = tmp_path / "pipe"
+    shutil.copytree(pipeline_folder, folder)
+    damage(folder)
+    with pytest.raises(error, match=message):
+        XDLMPipeline.from_pretrained(folder)
+
+
+def test_intact_pipeline_folder_loads(pipeline_folder):
+    from xdlm_vision.pipeline import XDLMPipeline
+
+    pipe = XDLMPipeline.from_pretrained(pipeline_folder)
+    assert pipe.transformer.config.num_embeddings == N
