@@ -159,13 +159,13 @@ def time_training(transformer: XDLMTransformer, scheduler: XDLMScheduler, next_b
     }
 
 
-def step_flops(transformer: XDLMTransformer, scheduler: XDLMScheduler, batch_size: int) -> dict:
+def step_flops(transformer: XDLMTransformer, scheduler: XDLMScheduler, batch_size: int, device: torch.device) -> dict:
     """FLOP of one forward and of one backward of the transformer on a batch, counted by FlopCounterMode."""
     config = transformer.config
-    model = copy.deepcopy(transformer).train()
-    tokens = torch.randint(0, config.num_embeddings, (batch_size, config.grid_size**2))
-    labels = torch.zeros(batch_size, dtype=torch.long)
-    t = torch.full((batch_size,), 0.5)
+    model = copy.deepcopy(transformer).to(device).train()
+    tokens = torch.randint(0, config.num_embeddings, (batch_size, config.grid_size**2), device=device)
+    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
+    t = torch.full((batch_size,), 0.5, device=device)
     forward = count_flops(lambda: model(tokens, labels, timestep=t))
     forward_backward = count_flops(lambda: scheduler.loss(model(tokens, labels, timestep=t).float(), tokens, tokens, t)
                                    .mean().backward())
@@ -212,7 +212,7 @@ def measure_setup(name: str, transformer: XDLMTransformer, shards: Path, tokeniz
     runs.append({"data": "images encoded on the fly", **time_training(transformer, scheduler, encoded_batches(), steps,
                                                                        precisions[0], device)})
 
-    flops = step_flops(transformer, scheduler, batch_size)
+    flops = step_flops(transformer, scheduler, batch_size, device)
     shards_float32 = runs[0] if runs[0]["precision"] == "float32" else None
     for run in runs:
         phases = run["phases_s"]
