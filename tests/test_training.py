@@ -414,4 +414,5 @@ def test_two_processes_match_one_process(tmp_path):
     two_weights = {**{f"model.{k}": v for k, v in load_file(folder / "transformer" / WEIGHTS).items()},
                    **{f"ema.{k}": v for k, v in load_file(folder / "ema" / WEIGHTS).items()}}
     for name, value in one.items():
-        torch.testing.assert_close(two_weights[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        # Measured: identical to the last bit on CPU; a run with half the batch differs by 5e-3.
+        torch.testing.assert_close(two_weights[name], value, rtol=0, atol=1e-6, msg=name)

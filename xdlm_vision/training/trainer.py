@@ -51,7 +51,7 @@ class TrainResult:
     """Outcome of a call of `train`."""
 
     step: int  # optimizer steps completed
-    checkpoint: Path | None  # the last checkpoint written
+    checkpoint: Path | None  # the newest checkpoint: the last one written, else the one resumed from
     pipeline: Path | None  # the exported pipeline folder, when the run reached max_steps
     stop_signal: int | None  # the signal that stopped the run early, if any
 
