@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw, ImageFont
 
 logger = logging.getLogger(__name__)
@@ -75,7 +76,12 @@ def load_pipeline(path: Path | str, device: str = "cpu"):
             f"no pipeline found at {path} (model_index.json is missing); pass --pipeline with a folder "
             "written by `xdlm-vision train` or XDLMPipeline.save_pretrained"
         )
-    pipeline = XDLMPipeline.from_pretrained(path)
+    # diffusers shows a progress bar for loading three small components; it only clutters the output.
+    diffusers_logging.disable_progress_bar()
+    try:
+        pipeline = XDLMPipeline.from_pretrained(path)
+    finally:
+        diffusers_logging.enable_progress_bar()
     pipeline.set_progress_bar_config(disable=True)
     return pipeline.to(device)
 
