@@ -510,3 +510,81 @@ def test_intact_pipeline_folder_loads(pipeline_folder):
 
     pipe = XDLMPipeline.from_pretrained(pipeline_folder)
     assert pipe.transformer.config.num_embeddings == N
+
+
+# ------------------------------------------------------------------ command-line arguments
+
+# Per command: missing, out-of-range, wrong-type and contradictory arguments. {out} is a fresh folder in
+# tmp_path, {pipe} the tiny pipeline folder; each case must fail before any job output is written.
+BAD_ARGUMENTS = {
+    "train-tokenizer/missing-output-dir": ["train-tokenizer"],
+    "train-tokenizer/steps-zero": ["train-tokenizer", "--output-dir", "{out}", "--steps", "0"],
+    "train-tokenizer/steps-not-int": ["train-tokenizer", "--output-dir", "{out}", "--steps", "ten"],
+    "train-tokenizer/learning-rate-negative": ["train-tokenizer", "--output-dir", "{out}", "--learning-rate", "-1"],
+    "train-tokenizer/resume-without-checkpoint": ["train-tokenizer", "--output-dir", "{out}", "--resume"],
+    "train-tokenizer/image-size-vs-source": ["train-tokenizer", "--output-dir", "{out}", "--image-size", "30"],
+    "train-tokenizer/unknown-source": ["train-tokenizer", "--output-dir", "{out}", "--source", "nope"],
+    "encode/missing-output-dir": ["encode"],
+    "encode/shard-size-zero": ["encode", "--output-dir", "{out}", "--shard-size", "0"],
+    "encode/limit-not-int": ["encode", "--output-dir", "{out}", "--limit", "many"],
+    "encode/image-size-vs-tokenizer": ["encode", "--output-dir", "{out}", "--image-size", "30", "--limit", "1"],
+    "encode/missing-tokenizer": ["encode", "--output-dir", "{out}", "--tokenizer", "{out}/absent", "--limit", "1"],
+    "encode/missing-data-dir": ["encode", "--output-dir", "{out}", "--data-dir", "{out}/absent", "--limit", "1"],
+    "train/missing-shards": ["train", "training.output_dir={out}"],
+    "train/max-steps-zero": ["train", "training.max_steps=0", "training.output_dir={out}"],
+    "train/max-steps-not-int": ["train", "training.max_steps=ten", "training.output_dir={out}"],
+    "train/unknown-key": ["train", "training.max_step=3", "training.output_dir={out}"],
+    "train/missing-config": ["train", "--config", "{out}/absent.yaml"],
+    "train/export-missing-checkpoint": ["train", "--export", "{out}/absent", "--export-dir", "{out}/pipe"],
+    "fid/num-samples-not-multiple": ["fid", "--pipeline", "{pipe}", "--num-samples", "7", "--extractor", "classifier",
+                                     "--out-dir", "{out}", "--no-cache"],
+    "fid/batch-size-zero": ["fid", "--pipeline", "{pipe}", "--batch-size", "0", "--out-dir", "{out}", "--no-cache"],
+    "fid/batch-size-not-int": ["fid", "--batch-size", "x", "--out-dir", "{out}"],
+    "fid/missing-pipeline": ["fid", "--pipeline", "{out}/absent", "--num-samples", "10", "--extractor", "classifier",
+                             "--out-dir", "{out}", "--no-cache"],
+    "fid/nothing-to-score": ["fid", "--out-dir", "{out}"],
+    "fid/unknown-extractor": ["fid", "--extractor", "nope", "--out-dir", "{out}"],
+    "train-classifier/epochs-zero": ["train-classifier", "--epochs", "0", "--out", "{out}"],
+    "train-classifier/learning-rate-not-float": ["train-classifier", "--learning-rate", "fast", "--out", "{out}"],
+    "train-classifier/missing-data-dir": ["train-classifier", "--data-dir", "{out}/absent", "--out", "{out}"],
+    "bench/missing-benchmark": ["bench"],
+    "bench/unknown-benchmark": ["bench", "nope"],
+    "bench/repeats-zero": ["bench", "scheduler", "--repeats", "0", "--out", "{out}/bench.json"],
+    "bench/num-tokens-not-int": ["bench", "scheduler", "--num-tokens", "x", "--out", "{out}/bench.json"],
+    "sample/num-steps-zero": ["sample", "--pipeline", "{pipe}", "--num-steps", "0", "--out", "{out}/grid.png"],
+    "sample/guidance-negative": ["sample", "--pipeline", "{pipe}", "--guidance-scale", "-2", "--out", "{out}/grid.png"],
+    "sample/unknown-class": ["sample", "--pipeline", "{pipe}", "--class", "Unicorn", "--out", "{out}/grid.png"],
+    "sample/class-out-of-range": ["sample", "--pipeline", "{pipe}", "--class", "12", "--out", "{out}/grid.png"],
+    "sample/out-not-png": ["sample", "--pipeline", "{pipe}", "--out", "{out}/grid.txt"],
+    "sample/missing-pipeline": ["sample", "--pipeline", "{out}/absent", "--out", "{out}/grid.png"],
+    "demo/fid-samples-not-multiple": ["demo", "--pipeline", "{pipe}", "--fid-samples", "7", "--out-dir", "{out}"],
+    "demo/num-steps-not-int": ["demo", "--num-steps", "x", "--out-dir", "{out}"],
+    "demo/fid-samples-negative": ["demo", "--pipeline", "{pipe}", "--fid-samples", "-10", "--out-dir", "{out}"],
+    "cli/unknown-command": ["paint"],
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_cli_bad_arguments_one_line_error_no_output(tmp_path, capsys, pipeline_folder, case):
+    command = case.split("/")[0]
+    if command != "cli" and command not in COMMANDS:
+        pytest.skip(f"command {command} is not in this checkout")
+    out = tmp_path / "out"
+    argv = [arg.format(out=out, pipe=pipeline_folder) for arg in BAD_ARGUMENTS[case]]
+    code, stdout, err = run_cli(argv, capsys)
+
+    assert_one_line_error(code, err)
+    assert code == 2
+    assert stdout == ""
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert written == [], written  # at most an empty output folder
+
+
+def test_cli_subprocess_exit_code_without_traceback(tmp_path):
+    """The real process: exit status 2 and exactly one stderr line, for a value error raised inside a command."""
+    result = subprocess.run([sys.executable, "-m", "xdlm_vision", "train", "training.max_steps=0"],
+                            env=subprocess_env(), cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.strip().splitlines() == ["xdlm-vision train: error: training.max_steps must be at least 1, got 0"]
+    assert list(tmp_path.iterdir()) == []
