@@ -588,3 +588,94 @@ def test_cli_subprocess_exit_code_without_traceback(tmp_path):
     assert result.stdout == ""
     assert result.stderr.strip().splitlines() == ["xdlm-vision train: error: training.max_steps must be at least 1, got 0"]
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ property-based: pipeline and scheduler arguments
+
+NOT_A_NUMBER = st.sampled_from([None, "2", [1], True, False])
+ODD_FLOATS = st.sampled_from([float("nan"), float("inf"), float("-inf")])
+
+
+def is_int_at_least(value, low) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+@pytest.fixture(scope="module")
+def property_pipeline():
+    return tiny_pipeline()
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    labels=st.one_of(st.integers(-2, 4), st.lists(st.integers(-1, 3), max_size=3),
+                     st.sampled_from(["a", "c", "Unicorn", "", 1.5])),
+    num_steps=st.one_of(st.integers(-1, 3), st.floats(-1, 3), NOT_A_NUMBER),
+    guidance_scale=st.one_of(st.floats(-2, 3), ODD_FLOATS, st.integers(-1, 3), NOT_A_NUMBER),
+    num_images_per_label=st.one_of(st.integers(-1, 2), NOT_A_NUMBER),
+    output_type=st.sampled_from(["tokens", "np", "pt", "pil", "latent", None]),
+)
+def test_pipeline_arguments_valid_run_invalid_raise(property_pipeline, labels, num_steps, guidance_scale,
+                                                    num_images_per_label, output_type):
+    import math
+
+    label_list = labels if isinstance(labels, list) else [labels]
+    valid_labels = bool(label_list) and all(
+        (isinstance(label, int) and 0 <= label < 3) or label in ("a", "c") for label in label_list)
+    valid = (valid_labels and is_int_at_least(num_steps, 1) and is_int_at_least(num_images_per_label, 1)
+             and output_type in ("tokens", "np", "pt", "pil")
+             and isinstance(guidance_scale, (int, float)) and not isinstance(guidance_scale, bool)
+             and math.isfinite(guidance_scale) and guidance_scale >= 0)
+    call = lambda: property_pipeline(labels, num_steps=num_steps, guidance_scale=guidance_scale,  # noqa: E731
+                                     num_images_per_label=num_images_per_label, output_type=output_type,
+                                     generator=torch.Generator().manual_seed(0))
+    if valid:
+        output = call()
+        assert output.tokens.shape == (len(label_list) * num_images_per_label, 4, 4)
+    else:
+        with pytest.raises((ValueError, TypeError)):
+            call()
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    num_embeddings=st.one_of(st.integers(-2, 40), st.floats(1, 40), NOT_A_NUMBER),
+    mixing_ratio=st.one_of(st.floats(-0.5, 1.5), ODD_FLOATS, st.integers(-1, 2), NOT_A_NUMBER),
+    noise_schedule=st.sampled_from(["log-linear", "cosine", "linear", "", None]),
+    eps=st.one_of(st.floats(-0.1, 0.6), ODD_FLOATS, NOT_A_NUMBER),
+    num_steps=st.one_of(st.integers(-1, 4), st.floats(0, 4), NOT_A_NUMBER),
+)
+def test_scheduler_arguments_valid_run_invalid_raise(num_embeddings, mixing_ratio, noise_schedule, eps, num_steps):
+    import math
+
+    from xdlm_vision.scheduler import XDLMScheduler
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+    valid_config = (is_int_at_least(num_embeddings, 1) and number(mixing_ratio) and 0 <= mixing_ratio <= 1
+                    and noise_schedule in ("log-linear", "cosine") and number(eps) and 0 <= eps < 0.5)
+    if not valid_config:
+        with pytest.raises((ValueError, TypeError)):
+            XDLMScheduler(num_embeddings=num_embeddings, mixing_ratio=mixing_ratio, noise_schedule=noise_schedule,
+                          eps=eps)
+        return
+    scheduler = XDLMScheduler(num_embeddings=num_embeddings, mixing_ratio=mixing_ratio,
+                              noise_schedule=noise_schedule, eps=eps)
+    if not is_int_at_least(num_steps, 1):
+        with pytest.raises((ValueError, TypeError)):
+            scheduler.set_timesteps(num_steps)
+        return
+    # A valid configuration samples without error and keeps every token in the codebook.
+    generator = torch.Generator().manual_seed(0)
+    scheduler.set_timesteps(num_steps)
+    sample = scheduler.sample_prior((2, 3), generator=generator)  # (B, L)
+    for timestep in scheduler.timesteps:
+        logits = torch.randn(2, 3, scheduler.vocab_size, generator=generator)  # (B, L, V)
+        logits[..., num_embeddings] = float("-inf")
+        sample = scheduler.step(logits, timestep, sample, generator=generator).prev_sample
+    assert sample.min() >= 0 and sample.max() < num_embeddings
+    t = scheduler.sample_t(2, generator=generator)  # (B,)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    noisy = scheduler.add_noise(tokens, t, generator=generator)
+    loss = scheduler.loss(torch.randn(2, 3, scheduler.vocab_size), noisy, tokens, t)
+    assert torch.isfinite(loss).all()
