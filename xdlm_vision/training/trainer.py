@@ -531,4 +531,5 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
         save_pipeline(build_pipeline(tokenizer, ema, config, meta.get("class_names")), pipeline_dir)
         logger.info("exported the EMA pipeline to %s", pipeline_dir)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group, so that the processes exit promptly
     return TrainResult(step=step, checkpoint=last_checkpoint, pipeline=pipeline_dir, stop_signal=stop_request.signal)
