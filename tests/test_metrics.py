@@ -249,13 +249,34 @@ def small_reference(tmp_path_factory, real_images, classifier_extractor):
     return ReferenceFeatures(meta, features, labels).save(tmp_path_factory.mktemp("reference") / "reference.npz")
 
 
-def test_fid_command_sweep_writes_protocol(tmp_path, tiny_pipelines, no_network):
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzipped IDX file (magic 0x08 = unsigned byte, then the dimensions)."""
+    import gzip
+    import struct
+
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as file:
+        file.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
+
+
+@pytest.fixture(scope="module")
+def small_fashion_mnist(tmp_path_factory):
+    """The first 300 test and 300 training images of Fashion-MNIST as IDX files, for fast reference sets."""
+    folder = tmp_path_factory.mktemp("fashion-mnist")
+    for split, prefix in (("test", "t10k"), ("train", "train")):
+        source = FashionMNISTSource(split=split)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", source.pixels[:300])
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", source.labels[:300].astype(np.uint8))
+    return folder
+
+
+def test_fid_command_sweep_writes_protocol(tmp_path, tiny_pipelines, small_fashion_mnist, no_network):
     out_dir = tmp_path / "job"
     code = main([
         "fid", "--pipeline", *map(str, tiny_pipelines), "--num-steps", "1", "2", "--num-samples", "20",
-        "--extractor", "classifier", "--reference", "fashion-mnist:test", "--cache-dir", str(tmp_path / "cache"),
-        "--rfid", "--rfid-samples", "20", "--real-floor", "--batch-size", "10", "--seed", "5",
-        "--out-dir", str(out_dir),
+        "--extractor", "classifier", "--reference", "fashion-mnist:test", "--data-dir", str(small_fashion_mnist),
+        "--cache-dir", str(tmp_path / "cache"), "--rfid", "--rfid-samples", "20", "--real-floor",
+        "--batch-size", "10", "--seed", "5", "--out-dir", str(out_dir),
     ])
     assert code == 0
     payload = json.loads((out_dir / "fid.json").read_text())
@@ -273,7 +294,7 @@ def test_fid_command_sweep_writes_protocol(tmp_path, tiny_pipelines, no_network)
     assert protocol["reference"] == "fashion-mnist:test"
     assert protocol["extractor"] == CLASSIFIER_EXTRACTOR
     assert protocol["resize"]["samples"] == "32x32 as decoded, no resize"
-    assert payload["protocol"]["reference"]["num_images"] == 10000
+    assert payload["protocol"]["reference"]["num_images"] == 300
 
     metrics = payload["results"][0]["metrics"]
     for key in ("fid", "inception_score_mean", "kid_mean", "precision", "recall", "classifier_accuracy"):

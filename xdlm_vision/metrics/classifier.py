@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 # The shipped classifier: a folder at the repository root, beside tokenizers/ and pipelines/.
+# NOTE: found only from a source checkout or editable install; a built wheel does not include it.
 DEFAULT_CLASSIFIER_DIR = Path(__file__).resolve().parents[2] / "classifiers" / "fashion-mnist"
 
 
@@ -262,7 +263,9 @@ layer (the `penultimate` features, after ReLU) and a {config.num_classes}-way li
 `xdlm-vision fid --extractor classifier` registers it with torch-fidelity as `xdlm-classifier`.
 
 Scores computed with it are comparable only with other scores computed with these exact weights.
-They are not comparable with Inception FIDs.
+They are not comparable with Inception FIDs. The classifier was trained on the training split, so a
+real-data floor drawn from that split is scored by an extractor that has seen those images, and the
+classifier accuracy reported there is a training accuracy.
 
 ## How it was made
 

@@ -6,8 +6,8 @@ which batch or chunk it falls in, and a larger N extends a smaller one. Images a
 index-major (class 0..C-1 for index 0, then for index 1, ...), so every chunk covers all classes.
 
 Each chunk is written to `chunk-{k:06d}.npz` (uint8 images [b, 3, H, W], labels, seeds) through a
-temporary file and `os.replace`; `plan.json` beside the chunks fixes the protocol. An interrupted
-job run again with the same protocol skips the finished chunks.
+temporary file and `os.replace`. The `plan.json` beside the chunks fixes the protocol. An
+interrupted job run again with the same protocol skips the finished chunks.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def image_seed(base_seed: int, class_id: int, index: int) -> int:
 
 @dataclass(frozen=True)
 class SamplePlan:
-    """Which image comes where: N images, C classes, N / C per class, seeds from `image_seed`."""
+    """The order, classes and seeds of a job's N images: C classes, N / C per class, seeds from `image_seed`."""
 
     num_samples: int
     num_classes: int
@@ -82,7 +82,7 @@ class SamplePlan:
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Turn images [B, 3, H, W] in [0, 1] into uint8 0..255 by rounding (torchvision's `to_pil_image` rule)."""
+    """Turn images [B, 3, H, W] in [0, 1] into uint8 0..255 by rounding, as diffusers' `numpy_to_pil` does."""
     return (images.clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -145,7 +145,7 @@ def generate_samples(
         A dict with the number of chunks sampled now and skipped, and the sampling seconds.
 
     Raises:
-        ValueError: `out_dir` holds chunks of a different protocol.
+        ValueError: `out_dir` contains chunks of a different protocol.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +155,7 @@ def generate_samples(
         existing = json.loads(plan_file.read_text(encoding="utf-8"))
         if existing != json.loads(json.dumps(payload)):
             raise ValueError(
-                f"{out_dir} holds samples of another protocol ({plan_file} differs: "
+                f"{out_dir} contains samples of another protocol ({plan_file} differs: "
                 f"{_describe_difference(existing, payload)}); choose another --out-dir or delete that folder"
             )
     else:

@@ -130,8 +130,8 @@ def precision_recall(
 ) -> dict:
     """Return improved precision and recall (Kynkäänniemi et al., 2019) as torch-fidelity 0.4 computes them.
 
-    The reference radii are passed in so that a job computes them once for all its sets; otherwise this is
-    `torch_fidelity.metric_prc.calculate_precision_recall_part` (checked equal in the tests).
+    The reference radii are passed in, so a job computes them once for all its sets. Otherwise this is
+    `torch_fidelity.metric_prc.calculate_precision_recall_part`, and a test checks that both agree.
     Precision: the fraction of generated points inside some reference point's ball. Recall: the
     fraction of reference points inside some generated point's ball.
     """
