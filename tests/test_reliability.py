@@ -679,3 +679,85 @@ def test_scheduler_arguments_valid_run_invalid_raise(num_embeddings, mixing_rati
     noisy = scheduler.add_noise(tokens, t, generator=generator)
     loss = scheduler.loss(torch.randn(2, 3, scheduler.vocab_size), noisy, tokens, t)
     assert torch.isfinite(loss).all()
+
+
+# ------------------------------------------------------------------ under load
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_fid_sampling_memory_flat_over_chunks(tmp_path, property_pipeline):
+    from xdlm_vision.metrics.generation import SamplePlan, generate_samples
+
+    pipe = property_pipeline
+    rss = []
+    original_call = type(pipe).__call__
+
+    class Recording(type(pipe)):
+        def __call__(self, *args, **kwargs):
+            output = original_call(self, *args, **kwargs)
+            rss.append(resident_bytes())
+            return output
+
+    pipe.__class__ = Recording
+    try:
+        plan = SamplePlan(num_samples=3 * 200, num_classes=3, seed=0, chunk_size=15)  # 40 chunks, 600 images
+        generate_samples(pipe, plan, tmp_path / "samples", num_steps=2, guidance_scale=1.5,
+                         protocol={"test": "memory"})
+    finally:
+        pipe.__class__ = type(pipe).__mro__[1]
+    assert len(rss) == 40
+    # After a warm-up, resident memory must not climb with the number of chunks: 20 MB over 30 chunks.
+    growth = max(rss[10:]) - rss[10]
+    assert growth < 20 * 2**20, [value // 2**20 for value in rss]
+
+
+def test_processes_write_disjoint_checkpoint_files(tmp_path, monkeypatch):
+    """In a checkpoint every process writes only its own rng-<rank>.pt; the main process writes the rest."""
+    from types import SimpleNamespace
+
+    from xdlm_vision.training import trainer
+
+    written: dict[int, list[str]] = {}
+    rank_now = {"rank": 0}
+
+    def record_save(obj, path, *args, **kwargs):
+        written.setdefault(rank_now["rank"], []).append(Path(path).name)
+
+    class FakeModel:
+        def save_pretrained(self, folder, **kwargs):
+            written.setdefault(rank_now["rank"], []).append(Path(folder).name + "/")
+
+    monkeypatch.setattr(torch, "save", record_save)
+    monkeypatch.setattr(trainer, "save_config", lambda config, path: written[rank_now["rank"]].append(path.name))
+    monkeypatch.setattr(trainer.ckpt, "write_json", lambda path, value: written[rank_now["rank"]].append(path.name))
+    monkeypatch.setattr(trainer.ckpt, "finalize", lambda root, step: None)
+    monkeypatch.setattr(trainer.ckpt, "prune", lambda root, keep: None)
+    schedule = SimpleNamespace(state_dict=lambda: {})
+    optimizer = SimpleNamespace(state_dict=lambda: {})
+    (tmp_path / ".step-00000001.tmp").mkdir()
+    for rank in (1, 2, 0):  # the main process last, as the barrier order allows any order
+        rank_now["rank"] = rank
+        accelerator = SimpleNamespace(is_main_process=rank == 0, process_index=rank, wait_for_everyone=lambda: None,
+                                      unwrap_model=lambda model: model)
+        if rank == 0:
+            shutil.rmtree(tmp_path / ".step-00000001.tmp")
+        trainer.save_checkpoint(accelerator, tmp_path, 1, FakeModel(), FakeModel(), optimizer, schedule,
+                                config=None, meta={}, state={}, keep=3)
+    assert written[1] == ["rng-1.pt"] and written[2] == ["rng-2.pt"]
+    assert "rng-0.pt" in written[0] and "optimizer.pt" in written[0]
+    every = [name for names in written.values() for name in names]
+    assert len(every) == len(set(every))
+
+
+def test_encode_shard_names_unique_per_worker_job(tmp_path):
+    """Encode workers take whole shards by index; the index fixes the file and the temporary name."""
+    from xdlm_vision.data.shards import shard_name
+
+    names = [shard_name("train", index) for index in range(2000)]
+    temporaries = [f".{name}.tmp" for name in names]
+    assert len(set(names)) == len(names) and len(set(temporaries)) == len(temporaries)
+    assert sorted(names) == names  # the order of the source
