@@ -163,3 +163,18 @@ def count_flops(function: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         function()
     return int(counter.get_total_flops())
+
+
+def transformer_forward_flops(config, batch_size: int) -> int:
+    """FLOP of one `XDLMTransformer` forward on `batch_size` grids, counting matmuls at 2 FLOP per multiply-add.
+
+    Per block and token: qkv (3 D^2), output projection (D^2) and the MLP (2 r D^2) multiply-adds; per
+    block and row, QK^T and attention times V (2 L^2 D); then the output head (D V per token) and the
+    adaLN modulation (6 D^2 per block and 2 D^2 final, per row). Layer norms, softmax and GELU are left
+    out, as FLOP counts of transformers usually do; they are a few percent at these widths.
+    """
+    width, depth, length = config.hidden_size, config.depth, config.grid_size**2
+    mlp_width = int(width * config.mlp_ratio)
+    per_token = depth * (4 * width * width + 2 * width * mlp_width) + width * config.vocab_size
+    per_row = depth * (2 * length * length * width + 6 * width * width) + 2 * width * width
+    return 2 * batch_size * (length * per_token + per_row)

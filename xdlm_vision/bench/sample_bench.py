@@ -5,7 +5,7 @@ Two pipelines are measured in the same run:
 - `small`: the published 12 x 768 transformer (256 tokens, N = 16384, 1000 classes) with random
   weights, and a random-weight tokenizer of LlamaGen VQ-16's shape for the decode (256 px images);
 - the shipped Fashion-MNIST pipeline (`pipelines/fashion-mnist-xdlm`); while it is absent, the shipped
-  tokenizer `tokenizers/fashion-mnist-vq512` with a random `tiny` transformer stands in for it.
+  tokenizer `tokenizers/fashion-mnist-vq512` with a random `tiny` transformer replaces it.
 
 Each is sampled with and without classifier-free guidance, in float32 and under bfloat16 autocast.
 The component times come from timers wrapped around `transformer.forward`, `scheduler.apply_guidance`,
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from xdlm_vision.bench.measure import ComponentTimer, count_flops, matmul_peak, synchronize
+from xdlm_vision.bench.measure import ComponentTimer, matmul_peak, synchronize, transformer_forward_flops
 from xdlm_vision.pipeline import XDLMPipeline
 from xdlm_vision.scheduler import XDLMScheduler
 from xdlm_vision.tokenizer import VQTokenizer, llamagen_vq16_config
@@ -137,20 +137,10 @@ def time_sampling(pipeline: XDLMPipeline, batch_size: int, num_steps: int, guida
     }
 
 
-def forward_flops(pipeline: XDLMPipeline, batch_size: int) -> int:
-    """FLOP of one transformer forward on `batch_size` grids, counted by FlopCounterMode."""
-    config = pipeline.transformer.config
-    device = pipeline.transformer.device
-    tokens = torch.randint(0, config.num_embeddings + 1, (batch_size, config.grid_size**2), device=device)
-    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-    with torch.no_grad():
-        return count_flops(lambda: pipeline.transformer(tokens, labels))
-
-
 def measure_pipeline(pipeline: XDLMPipeline, name: str, batch_size: int, num_steps: int, guidance_scale: float,
                      precisions: tuple[str, ...], repeats: int, peaks: dict) -> dict:
     """Time one pipeline with and without guidance in every precision; add the forward's achieved FLOP/s."""
-    flops = {1: forward_flops(pipeline, batch_size), 2: forward_flops(pipeline, 2 * batch_size)}
+    flops = {rows: transformer_forward_flops(pipeline.transformer.config, rows * batch_size) for rows in (1, 2)}
     runs = []
     for precision in precisions:
         for scale in (1.0, guidance_scale):

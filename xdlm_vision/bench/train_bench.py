@@ -1,8 +1,9 @@
 """`bench train`: training-step throughput split into data loading, forward, loss, backward and optimizer.
 
-The step is the one of `xdlm-vision train` on one process without accumulation: read a micro-batch,
-noise it (`add_noise`, label dropout), run the transformer (under autocast for bfloat16), the XDLM loss
-on float32 logits, backward, gradient clipping, AdamW, and the EMA update. Two setups:
+The step is the one of `xdlm-vision train` on one process without accumulation. It reads a
+micro-batch and noises it (`add_noise`, label dropout). Then it runs the transformer (under autocast
+for bfloat16), the XDLM loss on float32 logits, backward, gradient clipping, AdamW and the EMA update.
+Two setups:
 
 - `tiny` on real Fashion-MNIST token shards (the first images of the test split, encoded with the
   shipped tokenizer into a temporary folder), 8 x 8 tokens, N = 512;
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from xdlm_vision.bench.measure import count_flops, matmul_peak, synchronize
+from xdlm_vision.bench.measure import matmul_peak, synchronize, transformer_forward_flops
 from xdlm_vision.bench.sample_bench import SHIPPED_TOKENIZER, precision_context
 from xdlm_vision.data.shards import shard_name, token_dtype, write_meta, write_token_shard
 from xdlm_vision.scheduler import XDLMScheduler
@@ -159,19 +160,6 @@ def time_training(transformer: XDLMTransformer, scheduler: XDLMScheduler, next_b
     }
 
 
-def step_flops(transformer: XDLMTransformer, scheduler: XDLMScheduler, batch_size: int, device: torch.device) -> dict:
-    """FLOP of one forward and of one backward of the transformer on a batch, counted by FlopCounterMode."""
-    config = transformer.config
-    model = copy.deepcopy(transformer).to(device).train()
-    tokens = torch.randint(0, config.num_embeddings, (batch_size, config.grid_size**2), device=device)
-    labels = torch.zeros(batch_size, dtype=torch.long, device=device)
-    t = torch.full((batch_size,), 0.5, device=device)
-    forward = count_flops(lambda: model(tokens, labels, timestep=t))
-    forward_backward = count_flops(lambda: scheduler.loss(model(tokens, labels, timestep=t).float(), tokens, tokens, t)
-                                   .mean().backward())
-    return {"forward": forward, "backward": forward_backward - forward}
-
-
 def measure_setup(name: str, transformer: XDLMTransformer, shards: Path, tokenizer: VQTokenizer, batch_size: int,
                   steps: int, precisions: tuple[str, ...], device: torch.device, fashion_mnist_images: bool,
                   peaks: dict) -> dict:
@@ -212,7 +200,9 @@ def measure_setup(name: str, transformer: XDLMTransformer, shards: Path, tokeniz
     runs.append({"data": "images encoded on the fly", **time_training(transformer, scheduler, encoded_batches(), steps,
                                                                        precisions[0], device)})
 
-    flops = step_flops(transformer, scheduler, batch_size, device)
+    # The backward of every matmul computes two products of the forward's size: the input's and the weight's gradient.
+    forward_flop = transformer_forward_flops(config, batch_size)
+    flops = {"forward": forward_flop, "backward": 2 * forward_flop}
     shards_float32 = runs[0] if runs[0]["precision"] == "float32" else None
     for run in runs:
         phases = run["phases_s"]
