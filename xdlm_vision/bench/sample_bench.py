@@ -205,9 +205,11 @@ def fid_by_precision(pipeline: XDLMPipeline, num_samples: int, num_steps: int, o
 def run_sample_bench(batch_size: int = 8, num_steps: int = 8, guidance_scale: float = 2.0, repeats: int = 1,
                      precisions: tuple[str, ...] = PRECISIONS, fid_samples: int = 0, device: str = "cpu",
                      small: XDLMPipeline | None = None, shipped: XDLMPipeline | None = None,
-                     shipped_path: str | None = None, work_dir: Path | None = None, matmul_size: int = 2048) -> dict:
+                     shipped_path: str | None = None, work_dir: Path | None = None, matmul_size: int | None = None) -> dict:
     """Measure the `small` and the shipped pipeline; `small`/`shipped` replace them (tests pass toy pipelines)."""
     device = torch.device(device)
+    # A 2048 matmul saturates a CPU; a GPU needs larger products to approach its peak.
+    matmul_size = matmul_size or (8192 if device.type == "cuda" else 2048)
     peaks = {precision: matmul_peak(getattr(torch, precision), matmul_size, device=device) for precision in PRECISIONS}
     small = small if small is not None else random_pipeline()
     if shipped is None:

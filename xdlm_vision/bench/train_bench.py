@@ -232,11 +232,13 @@ def run_train_bench(steps: int = 3, tiny_batch_size: int = 64, small_batch_size:
                     precisions: tuple[str, ...] = ("float32", "bfloat16"), device: str = "cpu",
                     setups: tuple[str, ...] = ("tiny", "small"), small_sizes: dict | None = None,
                     small_preset: str = "small", small_tokenizer_config: dict | None = None,
-                    work_dir: Path | None = None, matmul_size: int = 2048) -> dict:
+                    work_dir: Path | None = None, matmul_size: int | None = None) -> dict:
     """Measure the training step of each setup; `small_sizes`, `small_preset` and `small_tokenizer_config` shrink `small` for tests."""
     from xdlm_vision.data.encode import encode_fashion_mnist_subset
 
     device = torch.device(device)
+    # A 2048 matmul saturates a CPU; a GPU needs larger products to approach its peak.
+    matmul_size = matmul_size or (8192 if device.type == "cuda" else 2048)
     peaks = {precision: matmul_peak(getattr(torch, precision), matmul_size, device=device)
              for precision in ("float32", "bfloat16")}
     results = {"steps_timed": steps, "device": str(device), "matmul_peak": peaks, "setups": []}
