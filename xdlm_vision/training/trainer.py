@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
@@ -81,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     if args.export is not None:
         from xdlm_vision.training.export import export_checkpoint
 
-        run_dir = load_config(args.config, overrides).training.output_dir if args.export == "latest" else None
+        # Only training.output_dir matters here, so a config without data.shards is fine.
+        run_dir = load_config(args.config, overrides, validate=False).training.output_dir if args.export == "latest" else None
         folder = export_checkpoint(args.export, args.export_dir, run_dir=run_dir)
         print(folder)
         return 0
@@ -268,8 +270,8 @@ def save_checkpoint(accelerator, root: Path, step: int, model, ema, optimizer, l
 def load_checkpoint(folder: Path, model, ema, optimizer, lr_schedule, process_index: int, num_processes: int):
     """Restore weights, EMA, optimizer, schedule and RNG states in place; returns the saved training state."""
     state = ckpt.read_training_state(folder)
-    model.load_state_dict(load_file(folder / "transformer" / WEIGHTS_FILE))
-    ema.load_state_dict(load_file(folder / "ema" / WEIGHTS_FILE))
+    model.load_state_dict(_load_weights(folder / "transformer" / WEIGHTS_FILE))
+    ema.load_state_dict(_load_weights(folder / "ema" / WEIGHTS_FILE))
     optimizer.load_state_dict(_load_tensors(folder / "optimizer.pt"))
     lr_schedule.load_state_dict(state["lr_schedule"])
 
@@ -277,6 +279,14 @@ def load_checkpoint(folder: Path, model, ema, optimizer, lr_schedule, process_in
     if state["layout"]["num_processes"] == num_processes and rng_path.is_file():
         ckpt.set_rng_state(_load_tensors(rng_path))
     return state
+
+
+def _load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file of a checkpoint; a missing or damaged file is a ValueError naming it."""
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as error:
+        raise ValueError(f"checkpoint file {path} is missing or damaged ({error}); resume from an earlier checkpoint") from error
 
 
 def _load_tensors(path: Path) -> Any:
