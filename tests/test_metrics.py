@@ -30,6 +30,15 @@ from xdlm_vision.metrics.scores import feature_statistics, frechet_distance
 NUM_CLASSES = len(FASHION_MNIST_CLASSES)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread():
+    """Run this module with one torch thread: on a CPU shared with other jobs, two threads ran ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def real_images():
     """The first 600 Fashion-MNIST test images as uint8 [600, 3, 32, 32] and their labels."""

@@ -425,11 +425,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kid-subset-size", type=int, default=1000,
                         help="KID subset size, reduced to the set sizes when larger (default: 1000)")
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice); 1 is much faster on a CPU shared with other jobs")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError(f"--batch-size {args.batch_size} must be >= 1")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads} must be >= 1")
+        torch.set_num_threads(args.threads)
     weights = args.inception_weights if args.extractor == "inception" else args.classifier
     payload = run_fid_job(
         pipelines=args.pipeline,
