@@ -5,10 +5,17 @@ import os
 import socket
 
 import pytest
+import torch
 
+# One torch thread per test process (subprocesses inherit it): on 2 shared cores, two threads per
+# process made small tensor operations several times slower, and the suite's time less predictable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_OFFLINE", "1")
+
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 class NetworkAccessError(RuntimeError):
