@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import os
 import pickle
 import random
@@ -259,11 +260,11 @@ def garble_member(path: Path) -> None:
 
 
 @pytest.mark.parametrize("damage", [truncate, empty, garble_member], ids=["truncated", "empty", "bad-member"])
-def test_train_damaged_token_shard_one_line_error(tmp_path, capsys, damage):
+def test_train_strict_damaged_shard_one_line_error(tmp_path, capsys, damage):
     shards = write_random_shards(tmp_path / "shards", num_samples=20, num_shards=2)
     damage(shards / "train-000001.tar")
     config_path = tmp_path / "config.yaml"
-    save_config(tiny_config(shards, tmp_path / "run"), config_path)
+    save_config(tiny_config(shards, tmp_path / "run", "data.strict=true"), config_path)
     code, _, err = run_cli(["train", "--config", str(config_path)], capsys)
 
     assert_one_line_error(code, err)
@@ -271,6 +272,36 @@ def test_train_damaged_token_shard_one_line_error(tmp_path, capsys, damage):
     assert "train-000001.tar" in err
     assert "damaged" in err or "cannot be parsed" in err
     assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") == []
+
+
+@pytest.mark.parametrize("damage", [truncate, empty, garble_member], ids=["truncated", "empty", "bad-member"])
+def test_train_skips_and_counts_damaged_shard(tmp_path, capsys, caplog, damage):
+    shards = write_random_shards(tmp_path / "shards", num_samples=30, num_shards=3)
+    damage(shards / "train-000001.tar")
+    config_path = tmp_path / "config.yaml"
+    save_config(tiny_config(shards, tmp_path / "run"), config_path)
+    with caplog.at_level(logging.WARNING):
+        code, out, _ = run_cli(["train", "--config", str(config_path)], capsys)
+
+    assert code == 0
+    assert "skipped 1 damaged token shards: train-000001.tar" in out
+    skipped = [record.getMessage() for record in caplog.records if "skipping damaged token shard" in record.getMessage()]
+    assert len(skipped) == 1
+    assert "train-000001.tar" in skipped[0]
+    assert any("summary: 1 damaged token shards" in record.getMessage() for record in caplog.records)
+    assert ckpt.list_checkpoints(tmp_path / "run" / "checkpoints") != []
+
+
+def test_train_rejects_all_shards_damaged(tmp_path, capsys):
+    shards = write_random_shards(tmp_path / "shards", num_samples=20, num_shards=2)
+    truncate(shards / "train-000000.tar")
+    empty(shards / "train-000001.tar")
+    config_path = tmp_path / "config.yaml"
+    save_config(tiny_config(shards, tmp_path / "run"), config_path)
+    code, _, err = run_cli(["train", "--config", str(config_path)], capsys)
+
+    assert_one_line_error(code, err)
+    assert "every token shard" in err
 
 
 def test_encode_disk_full_keeps_finished_shard(tmp_path, monkeypatch, capsys):

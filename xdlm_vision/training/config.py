@@ -27,6 +27,7 @@ class DataConfig:
     shards: str = ""  # folder with `{split}-*.tar` token shards and their meta.json
     shuffle_buffer: int = 10000  # samples held in the shuffle buffer of each data worker
     num_workers: int = 2  # DataLoader worker processes per training process (0 reads in the main process)
+    strict: bool = False  # stop at a damaged token shard instead of skipping it
 
 
 @dataclass

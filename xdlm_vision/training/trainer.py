@@ -22,7 +22,7 @@ import os
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,13 @@ from tqdm.auto import tqdm
 
 from xdlm_vision.training import checkpoint as ckpt
 from xdlm_vision.training.config import TrainConfig, load_config, save_config
-from xdlm_vision.training.token_data import TokenShardDataset, check_meta_matches_model, make_loader, read_meta
+from xdlm_vision.training.token_data import (
+    TokenShardDataset,
+    check_meta_matches_model,
+    make_loader,
+    read_meta,
+    verify_shards,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +61,7 @@ class TrainResult:
     checkpoint: Path | None  # the newest checkpoint: the last one written, else the one resumed from
     pipeline: Path | None  # the exported pipeline folder, when the run reached max_steps
     stop_signal: int | None  # the signal that stopped the run early, if any
+    damaged_shards: list[str] = field(default_factory=list)  # token shards skipped because they are damaged
 
 
 # ------------------------------------------------------------------ command line
@@ -97,6 +104,8 @@ def run(args: argparse.Namespace) -> int:
     if result.stop_signal is not None:
         # The shell convention for a process ended by a signal, so job schedulers see the interruption.
         return 128 + result.stop_signal
+    if result.damaged_shards:
+        print(f"skipped {len(result.damaged_shards)} damaged token shards: {', '.join(result.damaged_shards)}")
     if result.pipeline is not None:
         print(result.pipeline)
     return 0
@@ -340,6 +349,7 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
     # 1. Data description, batch layout and the checkpoint to resume from.
     meta = read_meta(config.data.shards)
     sizes = resolve_model_sizes(config, meta)
+    meta, damaged_shards = verify_shards(config.data.shards, meta, strict=config.data.strict)
     micro_batch = training.micro_batch_size
     if training.global_batch_size % (micro_batch * world) != 0:
         raise ValueError(
@@ -542,4 +552,7 @@ def _train(config: TrainConfig, resume: str | None) -> TrainResult:
         logger.info("exported the EMA pipeline to %s", pipeline_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()  # destroys the process group, so that the processes exit promptly
-    return TrainResult(step=step, checkpoint=last_checkpoint, pipeline=pipeline_dir, stop_signal=stop_request.signal)
+    if damaged_shards:
+        logger.warning("summary: %d damaged token shards were skipped: %s", len(damaged_shards), ", ".join(damaged_shards))
+    return TrainResult(step=step, checkpoint=last_checkpoint, pipeline=pipeline_dir, stop_signal=stop_request.signal,
+                       damaged_shards=damaged_shards)
