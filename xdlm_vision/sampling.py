@@ -17,6 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 logger = logging.getLogger(__name__)
 
 # The pipeline trained on real Fashion-MNIST and shipped with the repository.
+# NOTE: found only from a source checkout or an editable install; a built wheel does not contain pipelines/.
 DEFAULT_PIPELINE = Path(__file__).resolve().parent.parent / "pipelines" / "fashion-mnist-xdlm"
 
 
