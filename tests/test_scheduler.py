@@ -440,6 +440,7 @@ def test_timesteps_are_evenly_spaced_from_one():
         ({"num_embeddings": 0}, ValueError, "num_embeddings"),
         ({"num_embeddings": 8.0}, TypeError, "num_embeddings"),
         ({"num_embeddings": 8, "noise_schedule": "linear"}, ValueError, "noise_schedule"),
+        ({"num_embeddings": 8, "eps": "a"}, TypeError, "eps"),
     ],
 )
 def test_invalid_config_rejected(kwargs, error, match):
@@ -477,8 +478,14 @@ def test_invalid_inputs_rejected():
     scheduler.set_timesteps(4)
     with pytest.raises(ValueError, match="sampling times"):
         scheduler.step(logits, 0.6, tokens)
-    with pytest.raises(ValueError, match="at least 1"):
+    with pytest.raises(ValueError, match=r"in \[1, 1000000\], got 0"):
         scheduler.set_timesteps(0)
+    with pytest.raises(ValueError, match="num_inference_steps"):
+        scheduler.set_timesteps(10**20)
+    with pytest.raises(TypeError, match="torch.Generator"):
+        scheduler.add_noise(tokens, 0.5, generator=42)
+    with pytest.raises(ValueError, match="NaN"):
+        scheduler.step(torch.full_like(logits, float("nan")), 1.0, tokens)
     with pytest.raises(ValueError, match="guidance_scale"):
         scheduler.apply_guidance(logits, logits, -1.0)
     with pytest.raises(ValueError, match="cannot"):

@@ -30,6 +30,9 @@ from diffusers.utils import BaseOutput
 
 NOISE_SCHEDULES = ("log-linear", "cosine")
 
+# Far more steps than any sampler needs; a larger count is taken as a typo.
+MAX_INFERENCE_STEPS = 1_000_000
+
 # Rows of logits processed at once by the chunked reductions, sized so each temporary of one chunk
 # stays near this many elements (4 MiB in float32) whatever the vocabulary size.
 _CHUNK_ELEMENTS = 1 << 20
@@ -84,7 +87,14 @@ def _uniform(shape: tuple[int, ...], generator: Generator, device: torch.device)
     Draws are made on the generator's device and moved, so a CPU generator gives the same numbers
     whatever device the model runs on (as diffusers' `randn_tensor` does).
     """
+    if generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
+        raise TypeError(
+            f"generator must be a torch.Generator, a list of them or None, got {type(generator).__name__}; "
+            "for a seed pass torch.Generator().manual_seed(seed)"
+        )
     if isinstance(generator, (list, tuple)):
+        if not all(isinstance(item, torch.Generator) for item in generator):
+            raise TypeError("every entry of a generator list must be a torch.Generator")
         if len(generator) != shape[0]:
             raise ValueError(
                 f"got {len(generator)} generators for a batch of {shape[0]}; pass one generator per batch row"
@@ -130,6 +140,8 @@ class XDLMScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"mixing_ratio must be in [0, 1] (0 = MDLM, 1 = UDLM), got {mixing_ratio}")
         if noise_schedule not in NOISE_SCHEDULES:
             raise ValueError(f"noise_schedule must be one of {NOISE_SCHEDULES}, got {noise_schedule!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"eps must be a float, got {type(eps).__name__}")
         if not 0.0 <= eps < 0.5:
             raise ValueError(f"eps must be in [0, 0.5), got {eps}")
 
@@ -391,8 +403,10 @@ class XDLMScheduler(SchedulerMixin, ConfigMixin):
         """
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int):
             raise TypeError(f"num_inference_steps must be an int, got {type(num_inference_steps).__name__}")
-        if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be at least 1, got {num_inference_steps}")
+        if not 1 <= num_inference_steps <= MAX_INFERENCE_STEPS:
+            raise ValueError(
+                f"num_inference_steps must be in [1, {MAX_INFERENCE_STEPS}], got {num_inference_steps}"
+            )
         self.num_inference_steps = num_inference_steps
         steps = torch.arange(num_inference_steps, 0, -1, dtype=torch.float64) / num_inference_steps
         self.timesteps = steps.to(device=device, dtype=torch.float32)
@@ -452,6 +466,8 @@ class XDLMScheduler(SchedulerMixin, ConfigMixin):
         z_codebook = sample.clamp(max=n - 1)
         logit_z = logits.gather(-1, z_codebook[..., None]).squeeze(-1).float()  # (B, L)
         log_normalizer, pred_original_sample = self._row_statistics(logits)  # (B, L), (B, L)
+        if bool(torch.isnan(log_normalizer).any()):
+            raise ValueError("logits contain NaN (or +inf) in a codebook entry; check the model's output")
         p_z = torch.exp(logit_z - log_normalizer).double()  # (B, L)
         p_z = torch.where(is_mask, torch.zeros_like(p_z), p_z)
         pi_z = self._pi_of(sample)  # (B, L)
