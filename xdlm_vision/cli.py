@@ -35,9 +35,17 @@ COMMANDS: dict[str, Command] = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr (exit status 2), without the usage block."""
+
+    def error(self, message: str):
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser(command_name: str | None = None) -> argparse.ArgumentParser:
     """Build the parser; only the named command's options are loaded."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="xdlm-vision",
         description="Class-conditional image generation with mixed discrete diffusion (XDLM) over VQ tokens.",
     )

@@ -53,6 +53,13 @@ def make_labelled_grid(images: list[list[np.ndarray]], row_labels: list[str], sc
     return canvas
 
 
+def default_file_mode() -> int:
+    """Mode that `open()` would give a new file under the current umask (0644 under umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def save_image_atomic(image: Image.Image, path: Path) -> None:
     """Write a PNG under a temporary name in the target folder, then rename it into place."""
     path = Path(path)
@@ -60,6 +67,7 @@ def save_image_atomic(image: Image.Image, path: Path) -> None:
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
     try:
+        os.chmod(temporary, default_file_mode())  # mkstemp creates 0600; give the file the usual mode
         image.save(temporary, format="PNG")
         os.replace(temporary, path)
     except BaseException:
@@ -67,10 +75,27 @@ def save_image_atomic(image: Image.Image, path: Path) -> None:
         raise
 
 
+def resolve_device(name: str) -> torch.device:
+    """Parse a device name, rejecting devices this machine does not have with a ValueError."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"invalid device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {name!r} requested, but CUDA is not available on this machine; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"device {name!r} not found: this machine has {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
 def load_pipeline(path: Path | str, device: str = "cpu"):
     """Load a saved `XDLMPipeline` folder, with a clear error when the folder is missing."""
     from xdlm_vision.pipeline import XDLMPipeline
 
+    device = resolve_device(str(device))
     path = Path(path)
     if not (path / "model_index.json").is_file():
         raise FileNotFoundError(
@@ -121,7 +146,10 @@ def sample_grid(
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from xdlm_vision.sampling import default_file_mode
+
 logger = logging.getLogger(__name__)
 
 BENCHMARKS = ("scheduler", "sample", "train", "scaling")
@@ -81,6 +83,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
         json.dump(payload, handle, indent=2)
         temporary = handle.name
+    os.chmod(temporary, default_file_mode())  # NamedTemporaryFile creates 0600
     os.replace(temporary, path)
 
 

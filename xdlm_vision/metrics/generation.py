@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from xdlm_vision.sampling import default_file_mode
+
 logger = logging.getLogger(__name__)
 
 PLAN_FORMAT = "xdlm-fid-samples"
@@ -89,6 +91,7 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, default_file_mode())  # mkstemp creates 0600
         with os.fdopen(handle, "wb") as file:
             np.savez(file, **arrays)
         os.replace(temporary, path)
@@ -102,6 +105,7 @@ def write_json_atomic(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(temporary, default_file_mode())  # mkstemp creates 0600
         with os.fdopen(handle, "w", encoding="utf-8") as file:
             json.dump(payload, file, indent=2)
             file.write("\n")
