@@ -289,8 +289,9 @@ Classes: {", ".join(config.id2label or [])}.
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", default=None,
                         help="folder with the four Fashion-MNIST IDX files (default: /usr/share/datasets/fashion-mnist)")
-    parser.add_argument("--out", default=str(DEFAULT_CLASSIFIER_DIR),
-                        help="output folder, replaced atomically (default: the shipped classifiers/fashion-mnist)")
+    parser.add_argument("--out", default="runs/classifier",
+                        help="output folder, replaced atomically (default: runs/classifier; pass "
+                             "classifiers/fashion-mnist to replace the shipped classifier)")
     parser.add_argument("--epochs", type=int, default=4, help="passes over the training split (default: 4)")
     parser.add_argument("--batch-size", type=int, default=256, help="images per optimizer step (default: 256)")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="peak AdamW learning rate (default: 3e-3)")
@@ -306,8 +307,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     options = ["--epochs", args.epochs, "--batch-size", args.batch_size, "--learning-rate", args.learning_rate,
                "--seed", args.seed, "--max-shift", args.max_shift]
-    if Path(args.out).resolve() != DEFAULT_CLASSIFIER_DIR:
-        options += ["--out", args.out]
+    options += ["--out", args.out]
     if args.data_dir is not None:
         options += ["--data-dir", args.data_dir]
     if args.max_train_samples is not None:
