@@ -1,4 +1,4 @@
-"""Suite-wide guards: no test may reach the network, and Hugging Face libraries stay offline."""
+"""Suite-wide settings: one torch thread per process, no network beyond loopback, Hugging Face offline."""
 
 import ipaddress
 import os
