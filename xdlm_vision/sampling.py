@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -13,6 +11,8 @@ import numpy as np
 import torch
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image, ImageDraw, ImageFont
+
+from xdlm_vision.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -53,26 +53,10 @@ def make_labelled_grid(images: list[list[np.ndarray]], row_labels: list[str], sc
     return canvas
 
 
-def default_file_mode() -> int:
-    """Mode that `open()` would give a new file under the current umask (0644 under umask 022)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def save_image_atomic(image: Image.Image, path: Path) -> None:
     """Write a PNG under a temporary name in the target folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        os.chmod(temporary, default_file_mode())  # mkstemp creates 0600; give the file the usual mode
-        image.save(temporary, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as file:
+        image.save(file, format="PNG")
 
 
 def resolve_device(name: str) -> torch.device:

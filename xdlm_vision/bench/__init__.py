@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import torch
 
-from xdlm_vision.sampling import default_file_mode
+from xdlm_vision.atomic import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +73,6 @@ def machine_description() -> dict:
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    """Write JSON to a temporary file in the same folder, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-        temporary = handle.name
-    os.chmod(temporary, default_file_mode())  # NamedTemporaryFile creates 0600
-    os.replace(temporary, path)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
+from xdlm_vision.atomic import write_json_atomic, write_text_atomic
 from xdlm_vision.metrics.extractor import EXTRACTOR_KINDS, build_extractor, extract_features, file_sha256
-from xdlm_vision.metrics.generation import SamplePlan, generate_samples, iter_sample_chunks, write_json_atomic
+from xdlm_vision.metrics.generation import SamplePlan, generate_samples, iter_sample_chunks
 from xdlm_vision.metrics.reference import (
     ImageSet,
     ReferenceFeatures,
@@ -226,7 +227,7 @@ def run_fid_job(
         "seconds": round(time.perf_counter() - start_time, 1),
     }
     write_json_atomic(out_dir / "fid.json", payload)
-    _write_text_atomic(out_dir / "fid.md", format_markdown(payload))
+    write_text_atomic(out_dir / "fid.md", format_markdown(payload))
     return payload
 
 
@@ -314,12 +315,6 @@ def _reconstructions(vqvae, image_set: ImageSet, batch_size: int, device: torch.
         unit = images.to(device).float() / 127.5 - 1.0  # (b, 3, S, S) in [-1, 1]
         decoded = vqvae.decode(vqvae.encode(unit))  # (b, 3, S, S)
         yield ((decoded.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
 
 
 def _number(value, digits: int = 2, scale: float = 1.0) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from xdlm_vision.sampling import default_file_mode
+from xdlm_vision.atomic import atomic_write, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -89,30 +88,8 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, default_file_mode())  # mkstemp creates 0600
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(temporary, default_file_mode())  # mkstemp creates 0600
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            json.dump(payload, file, indent=2)
-            file.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "wb") as file:
+        np.savez(file, **arrays)
 
 
 def load_chunk(path: Path) -> dict[str, np.ndarray] | None:

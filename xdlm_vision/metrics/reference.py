@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from xdlm_vision.atomic import atomic_write
 from xdlm_vision.metrics.scores import feature_statistics, nearest_neighbor_radii
 
 logger = logging.getLogger(__name__)
@@ -185,14 +185,8 @@ class ReferenceFeatures:
             arrays["labels"] = self.labels.numpy()
         else:
             arrays["mu"], arrays["sigma"] = self.mu, self.sigma
-        handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp.npz", dir=path.parent)
-        try:
-            with os.fdopen(handle, "wb") as file:
-                np.savez(file, **arrays)
-            os.replace(temporary, path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        with atomic_write(path, "wb") as file:
+            np.savez(file, **arrays)
         return path
 
 
