@@ -293,7 +293,8 @@ def test_mdlm_limit_loss_is_masked_cross_entropy():
     log_p = torch.log_softmax(logits[..., :n], -1).gather(-1, tokens[..., None]).squeeze(-1)
     mdlm = torch.where(noisy == n, -log_p / t[:, None], torch.zeros_like(log_p))  # -alpha'/beta = 1/t
     torch.testing.assert_close(loss, mdlm, rtol=1e-12, atol=1e-12)
-    assert bool((noisy == n).any()) and bool((noisy != n).any())
+    assert bool((noisy == n).any()), "the case needs masked tokens"
+    assert bool((noisy != n).any()), "the case needs unmasked tokens"
 
 
 def test_mdlm_limit_step_is_ancestral_unmasking():
@@ -359,7 +360,8 @@ def test_sample_t_is_stratified_within_bounds():
     scheduler = XDLMScheduler(num_embeddings=5, eps=1e-3)
     t = scheduler.sample_t(64, generator=torch.Generator().manual_seed(0))
     assert t.shape == (64,)
-    assert float(t.min()) >= 1e-3 and float(t.max()) <= 1 - 1e-3
+    assert float(t.min()) >= 1e-3
+    assert float(t.max()) <= 1 - 1e-3
     # One draw per stratum of width 1/64.
     strata = torch.floor((t.double() - 1e-3) / (1 - 2e-3) * 64).long()
     assert sorted(strata.tolist()) == list(range(64))

@@ -332,7 +332,7 @@ class XDLMScheduler(SchedulerMixin, ConfigMixin):
         """Combine conditional and unconditional predictions by classifier-free guidance.
 
         `log p = w * log p_cond + (1 - w) * log p_uncond`, renormalized over the codebook; `w = 1`
-        returns the conditional log-probabilities. The result holds log-probabilities with the mask
+        returns the conditional log-probabilities. The result contains log-probabilities with the mask
         entry at `-inf`, so it can be passed wherever logits are expected.
         """
         if cond_logits.shape != uncond_logits.shape:
@@ -542,7 +542,7 @@ class XDLMScheduler(SchedulerMixin, ConfigMixin):
         t = self._time_tensor(t, noisy.shape[0], noisy.device, "t")
         if self.mixing_ratio == 0.0 and bool(((noisy != self.num_embeddings) & (noisy != tokens)).any()):
             raise ValueError(
-                "noisy holds an unmasked token that differs from tokens, which the forward process cannot "
+                "noisy contains an unmasked token that differs from tokens, which the forward process cannot "
                 "produce with mixing_ratio = 0; pass the output of add_noise(tokens, t)"
             )
         if bool((t >= 1.0).any()):
@@ -574,10 +574,10 @@ class _XDLMLoss(torch.autograd.Function):
     """The XDLM loss with a hand-written backward, so autograd keeps no tensors of the logits' size.
 
     Notation per row (position): `lp` the log-softmax over the codebook, `p = exp(lp)`,
-    `y_e = alpha p_e / c` with `c = beta k / N`. The O(N) part of the loss is
-    `sum_e pi(e) log(f(delta_x, e) / f(p, e)) = (k / N) [sum_e phi(y_e) - phi(alpha / c)]` with
-    `phi(y) = y - log1p(y)` when `alpha / c < 1`, and `(k / N) [log1p(alpha / c) - sum_e log1p(y_e)]`
-    otherwise; both forms are exact, and each avoids the cancellation of the other.
+    `y_e = alpha p_e / c` with `c = beta k / N`. The O(N) part of the loss,
+    `sum_e pi(e) log(f(delta_x, e) / f(p, e))`, has two exact forms. For `alpha / c < 1` it is
+    `(k / N) [sum_e phi(y_e) - phi(alpha / c)]` with `phi(y) = y - log1p(y)`. Otherwise it is
+    `(k / N) [log1p(alpha / c) - sum_e log1p(y_e)]`. Each form avoids the cancellation of the other.
     """
 
     @staticmethod

@@ -92,7 +92,7 @@ def verify_shards(folder: str | Path, meta: dict[str, Any], strict: bool = False
                 _decode_sample(sample, grid_size, num_embeddings, num_classes)
                 count += 1
             if count != int(shard["num_samples"]):
-                raise ValueError(f"token shard {path} holds {count} samples but meta.json lists {shard['num_samples']}")
+                raise ValueError(f"token shard {path} contains {count} samples but meta.json lists {shard['num_samples']}")
         except ValueError as error:
             if strict:
                 raise

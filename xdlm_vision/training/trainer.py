@@ -299,14 +299,17 @@ def _load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_tensors(path: Path) -> Any:
-    """torch.load a checkpoint file that holds tensors and plain values only; anything else is a ValueError."""
+    """Load a checkpoint file with `torch.load(weights_only=True)`.
+
+    Anything but tensors and plain values, or a damaged file, raises a ValueError naming the file.
+    """
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - torch.load raises many types for damaged or unsafe files
-        # torch's message for an unsafe pickle is a page long; its WeightsUnpickler line says what was refused.
+        # torch's message for an unsafe pickle is a page long. Its WeightsUnpickler line names the rejected object.
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
         reason = next((line for line in lines if "WeightsUnpickler" in line), lines[-1])
-        raise ValueError(f"checkpoint file {path} is damaged or holds objects other than tensors ({reason}); "
+        raise ValueError(f"checkpoint file {path} is damaged or contains objects other than tensors ({reason}); "
                          "resume from an earlier checkpoint") from error
 
 
